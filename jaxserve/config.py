@@ -1,0 +1,397 @@
+"""Model and engine configuration: plain data, one source of truth for every size.
+
+`ModelConfig` describes a decoder-only transformer (Llama family or Gemma 3). Named presets cover the
+embedded default (`gemma3-270m`), published larger models (usable with random weights for planning and
+sharding tests) and tiny configs for unit tests.
+
+`EngineConfig` holds the serving knobs: page size, KV budget, batch limits and the bucket ladders that fix
+the set of compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from jaxserve.errors import InvalidConfigError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer. Sizes are in elements, lengths in tokens."""
+
+    name: str
+    arch: str  # "llama" (Llama/Mistral/Qwen2) or "gemma3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"} or {"rope_type": "linear", "factor"}; applies to global layers.
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2-style q/k/v bias
+    hidden_act: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    # Sliding-window attention. `global_every=None`: every layer is sliding if `sliding_window` is set
+    # (Mistral). `global_every=6`: layers 5, 11, 17, ... are global, the rest sliding (Gemma 3).
+    sliding_window: Optional[int] = None
+    global_every: Optional[int] = None
+    rope_local_theta: Optional[float] = None  # RoPE base of sliding layers (Gemma 3: 10,000)
+    query_pre_attn_scalar: Optional[float] = None  # attention scale = this ** -0.5 (default head_dim)
+    embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Gemma 3)
+    post_norms: bool = False  # RMSNorm after attention and after the MLP (Gemma 2/3 "sandwich")
+    final_logit_softcap: Optional[float] = None
+    attn_logit_softcap: Optional[float] = None
+    bos_token_id: Optional[int] = 1
+    eos_token_ids: tuple = (2,)
+    pad_token_id: int = 0
+    chat_template: Optional[str] = None  # name of a template in jaxserve.tokenizer.CHAT_TEMPLATES
+
+    # ---- derived quantities (the only place they are computed) ----
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        if self.global_every is None:
+            return True
+        return (layer + 1) % self.global_every != 0
+
+    def layer_windows(self) -> list:
+        """Per-layer attention window in tokens (0 = unlimited)."""
+        return [self.sliding_window if self.layer_is_sliding(i) else 0 for i in range(self.num_layers)]
+
+    def layer_rope_thetas(self) -> list:
+        local = self.rope_local_theta if self.rope_local_theta is not None else self.rope_theta
+        return [local if self.layer_is_sliding(i) else self.rope_theta for i in range(self.num_layers)]
+
+    @property
+    def attn_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        return float(base) ** -0.5
+
+    def kv_bytes_per_token(self, kv_dtype: str = "float32") -> float:
+        """Bytes of KV cache one token occupies across all layers (GQA-aware).
+
+        = 2 (K and V) x n_kv_heads x head_dim x bytes per element x n_layers; int8 KV adds one float32
+        scale per token, head and K/V.
+        """
+        per_elem = DTYPE_BYTES[kv_dtype]
+        scales = 2 * self.num_kv_heads * 4 if kv_dtype == "int8" else 0
+        return (2 * self.num_kv_heads * self.head_dim * per_elem + scales) * self.num_layers
+
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.q_size + 2 * d * self.kv_size + self.q_size * d
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        mlp = 3 * d * f
+        norms = 2 * d + (2 * d if self.post_norms else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attn + mlp + norms
+        embed = v * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "eos_token_ids" in kw:
+            kw["eos_token_ids"] = tuple(kw["eos_token_ids"])
+        return cls(**kw)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, name: str = "hf-model") -> "ModelConfig":
+        """Build from a HF `config.json` dict (Llama, Mistral, Qwen2, Gemma 3 text)."""
+        if "text_config" in hf:  # Gemma 3 multimodal wrapper
+            hf = {**hf["text_config"], "model_type": hf["text_config"].get("model_type", "gemma3_text")}
+        mt = hf.get("model_type", "llama")
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        eos = hf.get("eos_token_id", 2)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        common = dict(
+            name=name,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=n_heads,
+            num_kv_heads=hf.get("num_key_value_heads", n_heads),
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", 10_000.0),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos,
+            pad_token_id=hf.get("pad_token_id") or 0,
+        )
+        scaling = hf.get("rope_scaling")
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.pop("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        if mt.startswith("gemma3"):
+            pattern = hf.get("sliding_window_pattern", 6)
+            return cls(
+                arch="gemma3",
+                hidden_act="gelu_tanh",
+                rope_scaling=scaling,
+                sliding_window=hf.get("sliding_window", 512),
+                global_every=pattern,
+                rope_local_theta=hf.get("rope_local_base_freq", 10_000.0),
+                query_pre_attn_scalar=hf.get("query_pre_attn_scalar", head_dim),
+                embed_scale=True,
+                qk_norm=True,
+                post_norms=True,
+                final_logit_softcap=hf.get("final_logit_softcapping"),
+                attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                chat_template="gemma",
+                **{**common, "tie_word_embeddings": hf.get("tie_word_embeddings", True)},
+            )
+        if mt not in ("llama", "mistral", "qwen2"):
+            raise InvalidConfigError(f"unsupported model_type {mt!r} (supported: llama, mistral, qwen2, gemma3)")
+        return cls(
+            arch="llama",
+            hidden_act="silu",
+            rope_scaling=scaling,
+            attention_bias=(mt == "qwen2") or hf.get("attention_bias", False),
+            sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
+            chat_template={"qwen2": "chatml", "mistral": "mistral"}.get(mt, "llama3" if hf["vocab_size"] > 100_000 else "llama2"),
+            **common,
+        )
+
+
+def _gemma3(name, **kw) -> ModelConfig:
+    base = dict(
+        arch="gemma3",
+        hidden_act="gelu_tanh",
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        rope_local_theta=10_000.0,
+        global_every=6,
+        embed_scale=True,
+        qk_norm=True,
+        post_norms=True,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_ids=(1, 106),  # <eos>, <end_of_turn>
+        pad_token_id=0,
+        chat_template="gemma",
+    )
+    base.update(kw)
+    return ModelConfig(name=name, **base)
+
+
+def _llama(name, **kw) -> ModelConfig:
+    base = dict(arch="llama", hidden_act="silu", rms_norm_eps=1e-5, bos_token_id=1, eos_token_ids=(2,))
+    base.update(kw)
+    return ModelConfig(name=name, **base)
+
+
+_LLAMA31_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+PRESETS: dict = {
+    c.name: c
+    for c in [
+        _gemma3(
+            "gemma3-270m", vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_layers=18,
+            num_heads=4, num_kv_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+            max_position_embeddings=32_768,
+        ),
+        _gemma3(
+            "gemma3-1b", vocab_size=262_144, hidden_size=1152, intermediate_size=6912, num_layers=26,
+            num_heads=4, num_kv_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+            max_position_embeddings=32_768,
+        ),
+        _gemma3(
+            "gemma3-4b", vocab_size=262_208, hidden_size=2560, intermediate_size=10_240, num_layers=34,
+            num_heads=8, num_kv_heads=4, head_dim=256, sliding_window=1024, query_pre_attn_scalar=256,
+            rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=131_072,
+        ),
+        _gemma3(
+            "gemma3-27b", vocab_size=262_208, hidden_size=5376, intermediate_size=21_504, num_layers=62,
+            num_heads=32, num_kv_heads=16, head_dim=128, sliding_window=1024, query_pre_attn_scalar=168,
+            rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=131_072,
+        ),
+        _llama(
+            "llama2-7b", vocab_size=32_000, hidden_size=4096, intermediate_size=11_008, num_layers=32,
+            num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096, chat_template="llama2",
+        ),
+        _llama(
+            "llama2-70b", vocab_size=32_000, hidden_size=8192, intermediate_size=28_672, num_layers=80,
+            num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=4096, chat_template="llama2",
+        ),
+        _llama(
+            "llama3-8b", vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_layers=32,
+            num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500_000.0, max_position_embeddings=8192,
+            bos_token_id=128_000, eos_token_ids=(128_001, 128_009), chat_template="llama3",
+        ),
+        _llama(
+            "llama3-70b", vocab_size=128_256, hidden_size=8192, intermediate_size=28_672, num_layers=80,
+            num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500_000.0, max_position_embeddings=8192,
+            bos_token_id=128_000, eos_token_ids=(128_001, 128_009), chat_template="llama3",
+        ),
+        _llama(
+            "llama3.1-8b", vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_layers=32,
+            num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500_000.0, rope_scaling=_LLAMA31_SCALING,
+            max_position_embeddings=131_072, bos_token_id=128_000, eos_token_ids=(128_001, 128_008, 128_009),
+            chat_template="llama3",
+        ),
+        _llama(
+            "mistral-7b", vocab_size=32_000, hidden_size=4096, intermediate_size=14_336, num_layers=32,
+            num_heads=32, num_kv_heads=8, head_dim=128, sliding_window=4096, max_position_embeddings=32_768,
+            chat_template="mistral",
+        ),
+        # Tiny random-weight configs for unit tests: same code paths, milliseconds to run.
+        _llama(
+            "tiny-llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, rope_scaling=_LLAMA31_SCALING | {"original_max_position_embeddings": 64},
+            max_position_embeddings=1024, eos_token_ids=(2,), chat_template="llama3",
+        ),
+        _llama(
+            "tiny-qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=1, head_dim=16, attention_bias=True, rope_theta=1_000_000.0,
+            max_position_embeddings=1024, eos_token_ids=(2,), chat_template="chatml",
+        ),
+        _gemma3(
+            "tiny-gemma3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+            num_kv_heads=1, head_dim=32, sliding_window=24, global_every=2, query_pre_attn_scalar=32,
+            max_position_embeddings=1024, eos_token_ids=(1,),
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    from jaxserve.errors import UnknownModelError
+
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name, or a path to a HF `config.json` / jaxserve_config.json."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    import os
+
+    if os.path.exists(spec):
+        with open(spec) as f:
+            d = json.load(f)
+        if "arch" in d:
+            return ModelConfig.from_dict(d)
+        return ModelConfig.from_hf_config(d, name=os.path.basename(os.path.dirname(os.path.abspath(spec))))
+    return get_preset(spec)
+
+
+def _pow2_ladder(lo: int, hi: int) -> list:
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    out.append(hi)
+    return sorted(set(out))
+
+
+@dataclass
+class EngineConfig:
+    """Serving knobs. Lengths in tokens, memory in bytes.
+
+    Steps run over fixed shapes: a decode step is `[R, 1]` tokens with R from `decode_buckets()`; a prefill
+    step is `[R, Q]` tokens (R sequences, Q new tokens each) from `prefill_buckets()`. Attention walks the
+    paged KV cache in blocks with a runtime trip count, so context length never picks a program.
+    """
+
+    page_size: int = 16
+    kv_cache_bytes: Optional[int] = None  # None: planner's share of this device's memory
+    num_pages: Optional[int] = None  # overrides kv_cache_bytes (tests)
+    max_model_len: Optional[int] = None  # None: min(model context, 8192)
+    max_num_seqs: int = 32  # requests per decode step (largest decode bucket)
+    max_num_batched_tokens: int = 512  # tokens per prefill step = prefill chunk budget
+    max_prefill_seqs: int = 8
+    min_prefill_tokens: int = 16  # smallest prefill Q bucket
+    attn_block_pages: int = 16  # pages per attention block (the loop step over the KV cache)
+    dtype: str = "float32"  # compute/weight dtype; float32 is fastest on XLA:CPU (see README)
+    kv_cache_dtype: str = "float32"
+    attention_impl: str = "auto"  # "auto" | "xla" | "pallas"
+    scheduler: str = "continuous"  # "continuous" | "static"
+    enable_prefix_caching: bool = True
+    max_logprobs: int = 20
+    seed: int = 0
+    compile_workers: int = 2
+
+    def validate(self, model: ModelConfig) -> None:
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise InvalidConfigError(f"page_size must be a positive power of two, got {self.page_size}")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise InvalidConfigError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.attention_impl not in ("auto", "xla", "pallas"):
+            raise InvalidConfigError(f"attention_impl must be auto, xla or pallas, got {self.attention_impl!r}")
+        if self.scheduler not in ("continuous", "static"):
+            raise InvalidConfigError(f"scheduler must be 'continuous' or 'static', got {self.scheduler!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise InvalidConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("float32", "bfloat16"):
+            raise InvalidConfigError(f"kv_cache_dtype must be float32 or bfloat16, got {self.kv_cache_dtype!r}")
+        if self.model_len(model) > model.max_position_embeddings:
+            raise InvalidConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's context {model.max_position_embeddings}"
+            )
+
+    def model_len(self, model: ModelConfig) -> int:
+        if self.max_model_len is not None:
+            return self.max_model_len
+        return min(model.max_position_embeddings, 8192)
+
+    def pages_per_seq(self, model: ModelConfig) -> int:
+        """Width of every block table: enough pages for `max_model_len` tokens, rounded to whole blocks."""
+        pages = math.ceil(self.model_len(model) / self.page_size)
+        return math.ceil(pages / self.attn_block_pages) * self.attn_block_pages
+
+    def decode_buckets(self) -> list:
+        return _pow2_ladder(1, self.max_num_seqs)
+
+    def prefill_buckets(self) -> list:
+        """(R, Q) shapes: R sequences x Q new tokens, R*Q <= max_num_batched_tokens."""
+        qs = _pow2_ladder(min(self.min_prefill_tokens, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        rs = _pow2_ladder(1, self.max_prefill_seqs)
+        return [(r, q) for q in qs for r in rs if r * q <= self.max_num_batched_tokens]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))

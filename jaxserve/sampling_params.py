@@ -1,0 +1,82 @@
+"""Per-request sampling parameters (vLLM-shaped). Host side: validated here, applied on device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+from jaxserve.errors import InvalidSamplingParamsError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token, and when to stop.
+
+    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable theirs.
+    repetition_penalty (> 1 discourages) applies to prompt and output tokens; presence/frequency penalties
+    (OpenAI semantics) to output tokens. `seed` makes a request's samples reproducible whatever else is in
+    its batch. `stop` strings are excluded from the returned text; `stop_token_ids` are added to the
+    model's EOS ids unless `ignore_eos`. `logprobs=n` returns the sampled token's logprob and the top-n.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    stop: Optional[Union[str, Sequence[str]]] = None
+    stop_token_ids: Optional[Sequence[int]] = None
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self, max_logprobs: int = 20) -> None:
+        def bad(msg):
+            raise InvalidSamplingParamsError(msg)
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad(f"n must be an integer >= 1, got {self.n!r}")
+        if self.temperature is None or not (self.temperature >= 0.0):
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int):
+            bad(f"top_k must be an integer (0 disables it), got {self.top_k!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not (self.repetition_penalty > 0.0):
+            bad(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        if not (-2.0 <= self.presence_penalty <= 2.0):
+            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
+        if not (-2.0 <= self.frequency_penalty <= 2.0):
+            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            bad(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
+        if self.logprobs is not None and not (0 <= self.logprobs <= max_logprobs):
+            bad(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop must be a non-empty string or a list of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
