@@ -1,0 +1,158 @@
+"""`jaxserve generate|chat|convert|plan` (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma3-270m", help="preset/embedded name, .gguf file, HF dir or converted dir")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="largest decode batch")
+    p.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--random-weights", action="store_true", help="random weights for a preset (testing)")
+
+
+def _engine_kwargs(args) -> dict:
+    kw = {}
+    for name in ("max_model_len", "max_num_seqs", "page_size", "kv_cache_bytes"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    return kw
+
+
+def _make_llm(args, **extra):
+    from jaxserve.llm import LLM
+
+    return LLM(args.model, random_weights=args.random_weights, **_engine_kwargs(args), **extra)
+
+
+def cmd_generate(args) -> int:
+    from jaxserve.sampling_params import SamplingParams
+
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or None)
+    # Small step ladder: a one-prompt command should start fast.
+    llm = _make_llm(args, max_num_seqs=args.max_num_seqs or 1)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    if args.json:
+        t0 = time.monotonic()
+        out = llm.generate([prompt], sp, use_tqdm=False)[0]
+        c = out.outputs[0]
+        print(json.dumps({
+            "model": args.model,
+            "prompt": args.prompt,
+            "prompt_token_ids": out.prompt_token_ids,
+            "output_token_ids": c.token_ids,
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "startup_seconds": round(llm.startup_seconds, 3),
+            "generate_seconds": round(time.monotonic() - t0, 3),
+        }))
+        return 0
+    print(args.prompt, end="", flush=True)
+    for delta in llm.stream(prompt, sp):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from jaxserve.sampling_params import SamplingParams
+
+    llm = _make_llm(args, max_num_seqs=1)
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    history = []
+    print("jaxserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(history)
+        print("model> ", end="", flush=True)
+        reply = ""
+        for delta in llm.stream(prompt, sp):
+            reply += delta
+            print(delta, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from jaxserve.weights.checkpoint import save_converted
+    from jaxserve.weights.resolve import resolve_model
+
+    t0 = time.monotonic()
+    r = resolve_model(args.src, random_weights=args.random_weights)
+    params = r.params() if callable(r.params) else r.params
+    tok_json = r.tokenizer.to_json() if r.tokenizer is not None and hasattr(r.tokenizer, "to_json") else None
+    save_converted(args.out, r.config, params, tok_json)
+    print(f"converted {args.src} -> {args.out} in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference on JAX/XLA")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate a continuation of one prompt")
+    _add_engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object with token ids and text")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat")
+    _add_engine_args(c)
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--seed", type=int, default=None)
+    c.set_defaults(fn=cmd_chat)
+
+    cv = sub.add_parser("convert", help="convert GGUF/safetensors to an orbax checkpoint")
+    cv.add_argument("src")
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--random-weights", action="store_true")
+    cv.set_defaults(fn=cmd_convert)
+
+    try:
+        from jaxserve import planner
+
+        pl = sub.add_parser("plan", help="capacity planner: KV bytes per token, max batch on a device")
+        planner.add_plan_arguments(pl)
+        pl.set_defaults(fn=planner.run_plan)
+    except ImportError:
+        pass
+
+    args = parser.parse_args(argv)
+    from jaxserve.errors import JaxserveError
+
+    try:
+        return args.fn(args)
+    except JaxserveError as e:
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

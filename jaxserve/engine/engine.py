@@ -1,0 +1,290 @@
+"""The engine loop: requests in, one scheduled step at a time, outputs out.
+
+`LLMEngine.add_request` validates and enqueues (a bad request raises a `jaxserve` error and touches nothing
+else); `step()` asks the scheduler for a batch, runs it on the device, appends sampled tokens, applies stop
+conditions and detokenizes incrementally, retires finished sequences (their pages are freed at once) and
+returns the requests whose output changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.engine.request import Priority, Sequence, Status
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.errors import InvalidPromptError, RequestTooLargeError
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger("jaxserve")
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters since start (tokens, steps, seconds)."""
+
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prompt_tokens_computed: int = 0
+    generation_tokens: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    busy_seconds: float = 0.0
+    ttfts: list = field(default_factory=list)
+    tpots: list = field(default_factory=list)
+
+
+class _Request:
+    def __init__(self, request_id, prompt, prompt_ids, params, seqs):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seqs = seqs
+
+
+class LLMEngine:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, tokenizer,
+                 num_pages: Optional[int] = None, runner=None):
+        from jaxserve.planner import default_kv_budget_bytes, kv_pages_for_budget
+
+        engine_cfg.validate(model_cfg)
+        self.model_cfg = model_cfg
+        self.cfg = engine_cfg
+        self.tokenizer = tokenizer
+        self.max_model_len = engine_cfg.model_len(model_cfg)
+        if num_pages is None:
+            num_pages = engine_cfg.num_pages
+        if num_pages is None:
+            budget = engine_cfg.kv_cache_bytes or default_kv_budget_bytes(model_cfg, engine_cfg)
+            num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget)
+        self.num_pages = num_pages
+        salt = f"{model_cfg.name}|{engine_cfg.dtype}|{engine_cfg.kv_cache_dtype}".encode()
+        self.bm = BlockManager(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching, cache_salt=salt)
+        self.scheduler = Scheduler(engine_cfg, self.bm, mode=engine_cfg.scheduler)
+        if runner is None:
+            from jaxserve.engine.runner import ModelRunner
+
+            runner = ModelRunner(model_cfg, engine_cfg, params, num_pages)
+        self.runner = runner
+        self.requests: dict = {}
+        self.stats = EngineStats()
+        self._seq_ids = itertools.count(1)
+        self._req_ids = itertools.count()
+        self._rng = random.Random(engine_cfg.seed)
+
+    # ------------------------------------------------------------------ requests
+    def tokenize_prompt(self, prompt: Union[str, list]) -> list:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidPromptError("prompt is empty: pass at least one character or token id")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidPromptError("prompt token list is empty")
+        V = self.model_cfg.vocab_size
+        bad = [t for t in ids if not isinstance(t, (int,)) and not hasattr(t, "__index__")]
+        if bad or any(not (0 <= int(t) < V) for t in ids):
+            raise InvalidPromptError(f"prompt token ids must be integers in [0, {V}); got e.g. {ids[:8]!r}")
+        return [int(t) for t in ids]
+
+    def add_request(self, prompt: Union[str, list], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None, priority="interactive") -> str:
+        """Validate and enqueue. Raises a jaxserve error (and enqueues nothing) on bad input."""
+        params = params or SamplingParams()
+        params.validate(self.cfg.max_logprobs)
+        priority = Priority.parse(priority)
+        prompt_ids = self.tokenize_prompt(prompt)
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidPromptError(
+                f"prompt has {len(prompt_ids)} tokens but the context is {self.max_model_len} tokens "
+                f"(at least one must be left to generate); shorten the prompt or raise max_model_len")
+        need = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        pages = -(-need // self.cfg.page_size)
+        if pages > self.num_pages - 1:
+            raise RequestTooLargeError(
+                f"request needs {pages} KV pages ({need} tokens) but the cache has {self.num_pages - 1}; "
+                f"lower max_tokens or give the engine a larger kv_cache_bytes")
+        if request_id is None:
+            request_id = f"req-{next(self._req_ids)}"
+        if request_id in self.requests:
+            raise InvalidPromptError(f"request_id {request_id!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(31)
+            seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed, priority,
+                           self.model_cfg.eos_token_ids, self.max_model_len)
+            if self.tokenizer is not None:
+                from jaxserve.tokenizer import IncrementalDetokenizer
+
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            seqs.append(seq)
+        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
+                                             prompt_ids, params, seqs)
+        for s in seqs:
+            self.scheduler.add(s)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a waiting or running request; its pages are freed immediately."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        for s in req.seqs:
+            if not s.finished:
+                self._finish(s, "abort")
+        self.stats.requests_aborted += 1
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list:
+        """Run one scheduled step; return RequestOutputs of requests that changed (finished ones last time)."""
+        out = self.scheduler.schedule()
+        if out is None:
+            return []
+        t0 = time.monotonic()
+        for row in out.rows:
+            row.block_table = self.bm.block_table(row.seq.seq_id)
+        tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
+        now = time.monotonic()
+        self.stats.busy_seconds += now - t0
+        self.stats.steps += 1
+        if out.kind == "prefill":
+            self.stats.prefill_steps += 1
+        else:
+            self.stats.decode_steps += 1
+        changed = {}
+        for i, row in enumerate(out.rows):
+            seq = row.seq
+            seq.num_computed_tokens = row.start + row.num_new
+            if out.kind == "prefill":
+                self.stats.prompt_tokens_computed += row.num_new
+            if row.samples:
+                self._append_token(seq, int(tokens[i]), float(lps[i]), top_ids[i], top_lps[i], now)
+            self.bm.commit_computed(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+            if seq.finished:
+                self.scheduler.finish(seq)
+            changed[seq.request_id] = True
+        return [self._request_output(self.requests[rid]) for rid in changed if rid in self.requests]
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top_ids, top_lps, now: float) -> None:
+        seq.output_token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if seq.metrics.first_token is None:
+            seq.metrics.first_token = now
+        seq.metrics.last_token = now
+        if seq.params.logprobs is not None:
+            entry = {int(t): float(l) for t, l in zip(top_ids[: seq.params.logprobs], top_lps[: seq.params.logprobs])}
+            entry[token] = logprob
+            seq.output_logprobs.append(entry)
+            seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + logprob
+        n_out = len(seq.output_token_ids)
+        if token in seq.stop_token_ids:  # the sampler bans them until min_tokens is met
+            stop_reason = None if token in self.model_cfg.eos_token_ids else token
+            self._finish(seq, "stop", stop_reason)
+            return
+        if seq.detokenizer is not None:
+            delta = seq.detokenizer.add(token)
+            if delta:
+                seq.output_text += delta
+                if seq.params.stop and self._check_stop_strings(seq, len(delta)):
+                    return
+        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
+        text = seq.output_text
+        best = None
+        for stop in seq.params.stop:
+            idx = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return False
+        idx, stop = best
+        seq.output_text = text[: idx + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        if seq.finished:
+            return
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.metrics.finished = time.monotonic()
+        if reason != "abort":
+            self.stats.requests_finished += 1
+            if seq.metrics.ttft is not None:
+                self.stats.ttfts.append(seq.metrics.ttft)
+            tpot = seq.metrics.tpot(len(seq.output_token_ids))
+            if tpot is not None:
+                self.stats.tpots.append(tpot)
+
+    # ------------------------------------------------------------------ outputs
+    def _visible_text(self, seq: Sequence) -> str:
+        """Text safe to show now: while running, hold back a tail that could still become a stop string."""
+        if seq.finished or not seq.params.stop:
+            return seq.output_text
+        hold = max(len(s) for s in seq.params.stop) - 1
+        return seq.output_text[: max(0, len(seq.output_text) - hold)]
+
+    def _request_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for s in req.seqs:
+            outs.append(CompletionOutput(
+                index=s.index,
+                text=self._visible_text(s),
+                token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=list(s.output_logprobs) if s.params.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            ))
+        finished = all(s.finished for s in req.seqs)
+        first = req.seqs[0].metrics
+        m = RequestMetrics(
+            arrival_time=first.arrival,
+            ttft=first.ttft,
+            tpot=first.tpot(len(req.seqs[0].output_token_ids)),
+            e2e=(first.finished - first.arrival) if first.finished else None,
+            num_cached_prompt_tokens=first.num_cached_prompt_tokens,
+            num_preemptions=sum(s.metrics.num_preemptions for s in req.seqs),
+        )
+        ro = RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), outs, finished, m)
+        if finished:
+            self.requests.pop(req.request_id, None)
+        return ro
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> dict:
+        bm = self.bm.stats()
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting_interactive": self.scheduler.num_waiting(Priority.INTERACTIVE),
+            "num_waiting_batch": self.scheduler.num_waiting(Priority.BATCH),
+            "num_running": len(self.scheduler.running),
+            "kv_pages_total": self.num_pages - 1,
+            "kv_pages_used": bm.get("used"),
+            "kv_usage": self.bm.usage(),
+            "prefix_hit_rate": bm.get("hit_rate"),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "steps": self.stats.steps,
+            "generation_tokens": self.stats.generation_tokens,
+            "prompt_tokens_computed": self.stats.prompt_tokens_computed,
+            "generation_tokens_per_s": self.stats.generation_tokens / self.stats.busy_seconds if self.stats.busy_seconds else 0.0,
+            "requests_finished": self.stats.requests_finished,
+            "requests_aborted": self.stats.requests_aborted,
+        }

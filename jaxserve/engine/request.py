@@ -1,0 +1,115 @@
+"""Host-side request state: one `Sequence` per sample being generated. Plain Python, no JAX."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from jaxserve.sampling_params import SamplingParams
+
+
+class Priority(enum.IntEnum):
+    """Lower value = served first. Interactive traffic has a latency target; batch traffic wants throughput."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+    @classmethod
+    def parse(cls, value) -> "Priority":
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                pass
+        if isinstance(value, int) and value in (0, 1):
+            return cls(value)
+        from jaxserve.errors import InvalidSamplingParamsError
+
+        raise InvalidSamplingParamsError(f"priority must be 'interactive' or 'batch', got {value!r}")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SeqMetrics:
+    """Wall-clock timestamps (seconds, time.monotonic) for TTFT/TPOT accounting."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: Optional[float] = None
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+    finished: Optional[float] = None
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+
+    @property
+    def ttft(self) -> Optional[float]:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    def tpot(self, num_output_tokens: int) -> Optional[float]:
+        if self.first_token is None or self.last_token is None or num_output_tokens < 2:
+            return None
+        return (self.last_token - self.first_token) / (num_output_tokens - 1)
+
+
+class Sequence:
+    """One generated sample: prompt ids, output ids so far, and how many of them have KV in the cache."""
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list, params: SamplingParams,
+                 seed: int, priority: Priority, eos_ids: tuple, max_len: int):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n samples
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list = []
+        self.output_logprobs: list = []  # per token: {token_id: logprob} (sampled + top-n), when requested
+        self.cumulative_logprob: Optional[float] = None
+        self.params = params
+        self.seed = seed
+        self.priority = priority
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.finish_reason: Optional[str] = None
+        self.stop_reason = None
+        self.output_text = ""
+        self.emitted_text_len = 0  # chars already streamed out (stop-string hold-back)
+        self.detokenizer = None
+        self.metrics = SeqMetrics()
+        stop_ids = set() if params.ignore_eos else set(eos_ids)
+        self.stop_token_ids = stop_ids | set(params.stop_token_ids)
+        budget = max_len - len(self.prompt_token_ids)
+        self.max_tokens = budget if params.max_tokens is None else min(params.max_tokens, budget)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than one token lacks KV: the next step for it is a prefill chunk, not a decode."""
+        return self.num_uncomputed > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, {self.status.value}, "
+                f"prompt={len(self.prompt_token_ids)}, out={len(self.output_token_ids)}, "
+                f"computed={self.num_computed_tokens})")

@@ -1,0 +1,190 @@
+"""The model runner: owns the device state (params, KV pages) and the ahead-of-time compiled step programs.
+
+Every program is one `(R, Q)` bucket of `forward_step` + on-device sampling, compiled at start-up (in parallel
+threads; XLA compiles release the GIL) and loaded from JAX's persistent compilation cache on later starts.
+The KV pages are donated to each call, so the cache is updated in place. A compile counter turns any
+compilation after warm-up into an error (or a warning), the way vLLM-TPU's ForbidCompile does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
+from jaxserve.errors import CompileWhileServingError
+from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache
+
+log = logging.getLogger("jaxserve")
+
+# ------------------------------------------------------------------------------------------------
+# Compilation accounting and the persistent cache
+# ------------------------------------------------------------------------------------------------
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compile_count = 0
+_compile_lock = threading.Lock()
+_listener_installed = False
+
+
+def _on_event(event, duration, **kw):
+    global _compile_count
+    if event == _COMPILE_EVENT:
+        with _compile_lock:
+            _compile_count += 1
+
+
+def compile_count() -> int:
+    """Number of XLA backend compilations (including persistent-cache loads) in this process."""
+    global _listener_installed
+    if not _listener_installed:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _listener_installed = True
+    return _compile_count
+
+
+def enable_persistent_cache(path: Optional[str] = None) -> str:
+    """Point JAX's persistent compilation cache at ~/.cache/jaxserve/xla (or $JAXSERVE_CACHE/xla)."""
+    root = os.environ.get("JAXSERVE_CACHE", os.path.expanduser("~/.cache/jaxserve"))
+    path = path or os.path.join(root, "xla")
+    os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+compile_count()  # install the listener before anything compiles
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner
+# ------------------------------------------------------------------------------------------------
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, num_pages: int,
+                 attention_fn=None):
+        self.model_cfg = model_cfg
+        self.cfg = engine_cfg
+        self.num_pages = num_pages
+        self.page_size = engine_cfg.page_size
+        self.P = engine_cfg.pages_per_seq(model_cfg)
+        self.H = engine_cfg.model_len(model_cfg)  # history width for penalties
+        self.NB = 8  # banned ids per row (EOS/stop ids while min_tokens is unmet)
+        self.max_logprobs = engine_cfg.max_logprobs
+        self.attention_fn = attention_fn
+        dtype = jnp.dtype(engine_cfg.dtype)
+        t0 = time.monotonic()
+        self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype if np.issubdtype(np.asarray(a).dtype, np.floating) else None), params)
+        self.kv = init_kv_cache(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
+        self.load_seconds = time.monotonic() - t0
+        self._programs: dict = {}
+        self._warm_count: Optional[int] = None
+        self._empty_history = {}
+
+    # -------------------------------------------------------------- programs
+    def _step(self, params, kv, inp: StepInputs, st: SamplingTensors):
+        logits, kv = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
+                                  block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn)
+        return sample(logits, st, self.max_logprobs), kv
+
+    def _abstract_inputs(self, R: int, Q: int):
+        i32 = jnp.int32
+        S = jax.ShapeDtypeStruct
+        inp = StepInputs(S((R, Q), i32), S((R, Q), i32), S((R,), i32), S((R,), i32), S((R, self.P), i32),
+                         S((R, Q), i32))
+        arrays = build_sampling_arrays([], [], [], [], [], [], R, self.H, self.NB)
+        st = SamplingTensors(**{k: S(v.shape, v.dtype) for k, v in arrays.items()})
+        return inp, st
+
+    def buckets(self) -> list:
+        return [(r, 1) for r in self.cfg.decode_buckets()] + list(self.cfg.prefill_buckets())
+
+    def compile_all(self, progress=None) -> float:
+        """Compile every bucket ahead of time. Returns seconds spent."""
+        t0 = time.monotonic()
+        fn = jax.jit(self._step, donate_argnums=(1,))
+        p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
+
+        def build(bucket):
+            inp, st = self._abstract_inputs(*bucket)
+            return bucket, fn.lower(p_abs, kv_abs, inp, st).compile()
+
+        todo = [b for b in self.buckets() if b not in self._programs]
+        workers = max(1, min(self.cfg.compile_workers, len(todo)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+            for bucket, prog in ex.map(build, todo):
+                self._programs[bucket] = prog
+                if progress is not None:
+                    progress(bucket)
+        self._warm_count = compile_count()
+        return time.monotonic() - t0
+
+    # -------------------------------------------------------------- one step
+    def execute(self, kind: str, rows: list, bucket: tuple):
+        """Run one scheduled step. `rows` are ScheduledRow-like (seq, start, num_new).
+
+        Returns numpy (tokens [n], logprob [n], top_ids [n, K], top_logprobs [n, K]) for the real rows.
+        """
+        R, Q = bucket
+        n = len(rows)
+        ps = self.page_size
+        tokens = np.zeros((R, Q), np.int32)
+        positions = np.zeros((R, Q), np.int32)
+        q_lens = np.zeros((R,), np.int32)
+        kv_lens = np.zeros((R,), np.int32)
+        block_tables = np.zeros((R, self.P), np.int32)
+        slots = np.zeros((R, Q), np.int32)  # page 0 slot 0: the null page absorbs padding writes
+        for i, row in enumerate(rows):
+            seq, start, m = row.seq, row.start, row.num_new
+            toks = seq.all_token_ids
+            bt = row.block_table
+            tokens[i, :m] = toks[start:start + m]
+            pos = np.arange(start, start + m, dtype=np.int32)
+            positions[i, :m] = pos
+            q_lens[i] = m
+            kv_lens[i] = start + m
+            block_tables[i, :len(bt)] = bt
+            bt_arr = block_tables[i]
+            slots[i, :m] = bt_arr[pos // ps] * ps + pos % ps
+        st = self._sampling_arrays(rows, R)
+        prog = self._programs.get(bucket)
+        if prog is None:
+            raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(self._programs)}")
+        before = compile_count()
+        res, self.kv = prog(self.params, self.kv,
+                            StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots),
+                            SamplingTensors(**st))
+        out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
+        if compile_count() != before:
+            raise CompileWhileServingError("an XLA compilation happened while serving")
+        return tuple(a[:n] for a in out)
+
+    def _sampling_arrays(self, rows: list, R: int) -> dict:
+        params, hist, out_start, steps, seeds, banned = [], [], [], [], [], []
+        need_hist = any(r.seq.params.repetition_penalty != 1.0 or r.seq.params.presence_penalty != 0.0
+                        or r.seq.params.frequency_penalty != 0.0 for r in rows)
+        for r in rows:
+            s = r.seq
+            params.append(s.params)
+            hist.append(s.all_token_ids[: r.start + r.num_new] if need_hist else [])
+            out_start.append(len(s.prompt_token_ids))
+            steps.append(len(s.output_token_ids))
+            seeds.append(s.seed)
+            banned.append(sorted(s.stop_token_ids)[: self.NB] if len(s.output_token_ids) < s.params.min_tokens else [])
+        return build_sampling_arrays(params, hist, out_start, steps, seeds, banned, R, self.H, self.NB)
+
+    def compiled_buckets(self) -> list:
+        return sorted(self._programs)

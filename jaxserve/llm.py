@@ -1,0 +1,154 @@
+"""`LLM`: the offline Python API, in vLLM's shape.
+
+    from jaxserve import LLM, SamplingParams
+    llm = LLM()                                   # the embedded Gemma 3 270M
+    outs = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.outputs import RequestOutput
+from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError
+from jaxserve.sampling_params import SamplingParams
+
+PromptType = Union[str, Sequence[int]]
+
+DEFAULT_MODEL = "gemma3-270m"
+
+
+class LLM:
+    """Load a model, compile its step programs, and generate.
+
+    Args:
+        model: a preset/embedded name (default `gemma3-270m`), a `.gguf` file, a HF safetensors directory,
+            or a directory written by `jaxserve convert`.
+        random_weights: use random weights for a preset (tests, planning, sharding experiments).
+        Every other keyword is an `EngineConfig` field (page_size, max_model_len, max_num_seqs,
+        kv_cache_bytes, num_pages, scheduler, enable_prefix_caching, attention_impl, dtype, seed, ...).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, random_weights: bool = False, tokenizer=None,
+                 compile_guard: str = "raise", **engine_kwargs):
+        from jaxserve.engine.runner import enable_persistent_cache
+        from jaxserve.weights.resolve import resolve_model
+
+        t0 = time.monotonic()
+        enable_persistent_cache()
+        unknown = set(engine_kwargs) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown LLM/EngineConfig argument(s): {sorted(unknown)}")
+        self.engine_config = EngineConfig(**engine_kwargs)
+        resolved = resolve_model(model, random_weights=random_weights, seed=self.engine_config.seed)
+        params = resolved.params() if callable(resolved.params) else resolved.params
+        self.model_config = resolved.config
+        self.tokenizer = tokenizer or resolved.tokenizer
+        t_load = time.monotonic()
+        self.engine = LLMEngine(self.model_config, self.engine_config, params, self.tokenizer)
+        del params
+        self.compile_seconds = self.engine.runner.compile_all()
+        self.load_seconds = t_load - t0
+        self.startup_seconds = time.monotonic() - t0
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
+                 use_tqdm: Optional[bool] = None, priority: str = "batch") -> list:
+        """Generate for every prompt; returns RequestOutputs in prompt order.
+
+        Every prompt and parameter is validated before anything is queued, so a bad one raises a
+        `jaxserve` error and leaves the engine's other work untouched.
+        """
+        prompts = self._normalize_prompts(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise InvalidSamplingParamsError(
+                    f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        for p in params:
+            p.validate(self.engine_config.max_logprobs)
+        for p in prompts:  # tokenizes twice for string prompts; cheap next to generation, and atomic
+            ids = self.engine.tokenize_prompt(p)
+            if len(ids) >= self.engine.max_model_len:
+                raise InvalidPromptError(
+                    f"prompt has {len(ids)} tokens but the context is {self.engine.max_model_len} tokens")
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp, priority=priority))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) >= 8)
+
+    def _run(self, ids: list, use_tqdm: bool) -> list:
+        wanted = set(ids)
+        done: dict = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req", dynamic_ncols=True)
+        gen0, t0 = self.engine.stats.generation_tokens, time.monotonic()
+        while len(done) < len(wanted) and self.engine.has_unfinished_requests():
+            for ro in self.engine.step():
+                if ro.finished and ro.request_id in wanted:
+                    done[ro.request_id] = ro
+                    if bar is not None:
+                        bar.update(1)
+                        dt = time.monotonic() - t0
+                        bar.set_postfix(tok_s=f"{(self.engine.stats.generation_tokens - gen0) / max(dt, 1e-9):.1f}")
+        if bar is not None:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def _normalize_prompts(self, prompts) -> list:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidPromptError("no prompts given")
+        if all(isinstance(t, int) for t in prompts):
+            return [prompts]  # one token-id prompt
+        return prompts
+
+    # ------------------------------------------------------------------ chat
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, **kw) -> list:
+        """`messages`: one conversation (list of {"role", "content"}) or a list of conversations."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+        return self.generate(prompts, sampling_params, **kw)
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
+               priority: str = "interactive") -> Iterator[str]:
+        """Yield text deltas of one request as they are generated (other queued work keeps running)."""
+        rid = self.engine.add_request(prompt, sampling_params, priority=priority)
+        sent = 0
+        try:
+            while True:
+                outs = self.engine.step()
+                for ro in outs:
+                    if ro.request_id != rid:
+                        continue
+                    text = ro.outputs[0].text
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                    if ro.finished:
+                        return
+                if not self.engine.has_unfinished_requests():
+                    return
+        finally:
+            self.engine.abort_request(rid)
+
+    def get_metrics(self) -> dict:
+        return self.engine.metrics()

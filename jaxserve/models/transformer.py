@@ -1,0 +1,235 @@
+"""The decoder forward pass over a paged KV cache: Llama family and Gemma 3 in one plain file.
+
+Both families are the same skeleton (pre-norm attention + gated MLP, RoPE, GQA); `ModelConfig` flags select
+Gemma 3's extras: GeGLU, QK-norm, sandwich post-norms, embedding scaling, interleaved sliding-window layers
+with their own RoPE base, logit soft-capping. Layers are stacked and run with one `lax.scan`, so XLA compiles
+one layer body per program; per-layer differences (window, RoPE frequencies) are data, not code.
+
+Shapes: R sequences x Q new tokens per step, D hidden, Hq/Hkv heads, hd head dim, L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+
+class StepInputs(NamedTuple):
+    """One step's fixed-shape batch (see docs/architecture.md)."""
+
+    tokens: jax.Array  # i32[R, Q]
+    positions: jax.Array  # i32[R, Q]  absolute position of each new token
+    q_lens: jax.Array  # i32[R]     new tokens per row (0 for padding rows)
+    kv_lens: jax.Array  # i32[R]     context length after this step (cached + new)
+    block_tables: jax.Array  # i32[R, P]  page ids, 0-padded
+    slots: jax.Array  # i32[R, Q]  cache slot of each new token (null page for padding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (shared with the cache-free reference in models/reference.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, w, eps):
+    """RMSNorm with `w` the effective multiplier (Gemma's 1 + w is folded in at load time)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Per-layer inverse RoPE frequencies f32[L, hd/2], with Llama-3 or linear scaling applied."""
+    hd = cfg.head_dim
+    rows = []
+    for layer, theta in enumerate(cfg.layer_rope_thetas()):
+        inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        sc = cfg.rope_scaling
+        # Scaling applies to global layers only (Gemma 3 keeps its local layers unscaled).
+        if sc is not None and not cfg.layer_is_sliding(layer):
+            if sc["rope_type"] == "linear":
+                inv = inv / sc["factor"]
+            elif sc["rope_type"] == "llama3":
+                factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+                old_len = sc["original_max_position_embeddings"]
+                wavelen = 2 * math.pi / inv
+                smooth = (old_len / wavelen - lo) / (hi - lo)
+                scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+                mid = (1 - smooth) * inv / factor + smooth * inv
+                is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+                inv = np.where(is_mid, mid, scaled)
+            else:
+                raise ValueError(f"unsupported rope_type {sc['rope_type']!r}")
+        rows.append(inv)
+    return np.asarray(rows, dtype=np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x [..., T, H, hd], positions [..., T], inv_freq [hd/2]."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [..., T, hd/2]
+    cos = jnp.cos(ang)[..., None, :]
+    sin = jnp.sin(ang)[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def activation(cfg: ModelConfig, x):
+    if cfg.hidden_act == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def softcap(x, cap: Optional[float]):
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+def embed_tokens(cfg: ModelConfig, params, tokens):
+    x = jnp.take(params["embed"], tokens, axis=0)
+    if cfg.embed_scale:
+        # Gemma multiplies by sqrt(D) rounded to the compute dtype.
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=x.dtype)
+    return x
+
+
+def lm_head(cfg: ModelConfig, params, x):
+    """Final norm + vocabulary projection, logits in float32."""
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if "lm_head" in params:
+        logits = x @ params["lm_head"]
+    else:
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"])
+    return softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+
+
+def mlp(cfg: ModelConfig, lp, h):
+    return (activation(cfg, h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+
+
+def qkv(cfg: ModelConfig, lp, h, positions, inv_freq):
+    """Project, (QK-norm), RoPE. h [..., T, D] -> q [..., T, Hq, hd], k/v [..., T, Hkv, hd]."""
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    lead = h.shape[:-1]
+    q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged attention, XLA path: a flash-style loop over blocks of pages with a runtime trip count
+# ----------------------------------------------------------------------------------------------
+
+
+def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
+                        block_pages):
+    """q [R, Q, Hq, hd] against the pages of each row; k/v_cache [L, slots, Hkv, hd] (all layers).
+
+    The loop visits only blocks that hold visible keys: from the first block inside the sliding window of
+    the batch's earliest query to the block holding the longest context. Reading the cache with a gather
+    indexed by (layer, slot) avoids materialising a per-layer copy of the cache.
+    """
+    R, Q, Hq, hd = q.shape
+    Hkv = cfg.num_kv_heads
+    G = Hq // Hkv
+    B = block_pages * page_size
+    qg = (q.astype(jnp.float32) * cfg.attn_scale).reshape(R, Q, Hkv, G, hd)
+    valid_q = q_pos >= 0
+
+    n_blocks = (jnp.max(kv_lens) + B - 1) // B
+    min_q = jnp.min(jnp.where(valid_q, q_pos, jnp.iinfo(jnp.int32).max))
+    first = jnp.where(window > 0, jnp.maximum(min_q - window + 1, 0) // B, 0)
+    first = jnp.minimum(first, n_blocks)
+
+    def body(b, carry):
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(block_tables, b * block_pages, block_pages, axis=1)  # [R, bp]
+        slot = (pages[:, :, None] * page_size + jnp.arange(page_size)[None, None, :]).reshape(R, B)
+        kb = k_cache[layer, slot].astype(jnp.float32)  # [R, B, Hkv, hd]
+        vb = v_cache[layer, slot].astype(jnp.float32)
+        s = jnp.einsum("rqkgd,rbkd->rqkgb", qg, kb)
+        s = softcap(s, cfg.attn_logit_softcap)
+        kpos = b * B + jnp.arange(B)
+        vis = (kpos[None, None, :] <= q_pos[:, :, None]) & (kpos[None, None, :] < kv_lens[:, None, None])
+        vis &= (window <= 0) | (q_pos[:, :, None] - kpos[None, None, :] < window)
+        s = jnp.where(vis[:, :, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("rqkgb,rbkd->rqkgd", p, vb)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((R, Q, Hkv, G), -jnp.inf, jnp.float32),
+        jnp.zeros((R, Q, Hkv, G), jnp.float32),
+        jnp.zeros((R, Q, Hkv, G, hd), jnp.float32),
+    )
+    m, l, acc = jax.lax.fori_loop(first, n_blocks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.reshape(R, Q, Hq, hd).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------
+
+
+def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: int, block_pages: int,
+                 attention_fn=None):
+    """Run R x Q new tokens through the model, writing their K/V into the pages.
+
+    Returns (logits f32[R, V] of each row's last new token, updated kv).
+    """
+    R, Q = inp.tokens.shape
+    attention_fn = attention_fn or paged_attention_xla
+    x = embed_tokens(cfg, params, inp.tokens)  # [R, Q, D]
+    windows = jnp.asarray(np.asarray(cfg.layer_windows(), np.int32))
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    flat_slots = inp.slots.reshape(-1)
+    valid = jnp.arange(Q)[None, :] < inp.q_lens[:, None]
+    q_pos = jnp.where(valid, inp.positions, -1)
+    eps = cfg.rms_norm_eps
+
+    def layer_fn(carry, xs):
+        x, kc, vc = carry
+        lp, window, freq, layer = xs
+        h = rms_norm(x, lp["attn_norm"], eps)
+        q, k, v = qkv(cfg, lp, h, inp.positions, freq)
+        kc = kc.at[layer, flat_slots].set(k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(kc.dtype))
+        vc = vc.at[layer, flat_slots].set(v.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(vc.dtype))
+        o = attention_fn(cfg, q, kc, vc, layer, inp.block_tables, inp.kv_lens, q_pos, window,
+                         page_size=page_size, block_pages=block_pages)
+        o = o.reshape(R, Q, cfg.q_size) @ lp["wo"]
+        if cfg.post_norms:
+            o = rms_norm(o, lp["post_attn_norm"], eps)
+        x = x + o
+        h = rms_norm(x, lp["mlp_norm"], eps)
+        m = mlp(cfg, lp, h)
+        if cfg.post_norms:
+            m = rms_norm(m, lp["post_mlp_norm"], eps)
+        return (x + m, kc, vc), None
+
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kv["k"], kv["v"]), (params["layers"], windows, inv_freq, layers))
+    last = jnp.maximum(inp.q_lens - 1, 0)
+    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [R, D]
+    return lm_head(cfg, params, x_last), {"k": kc, "v": vc}
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
+    shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,50 @@
+"""Shared fixtures: one compiled engine per (model, settings) per test session.
+
+Compiling a program set takes seconds, so engines are cached here and reused by every test that asks for
+the same configuration. Tests must leave the engine idle (no unfinished requests) when they return.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("JAXSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxserve"))
+
+_ENGINES: dict = {}
+
+# Small ladders keep tiny-model compiles to a few seconds; page_size 4 makes sequences cross many pages.
+TINY_KW = dict(page_size=4, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, max_prefill_seqs=4,
+               num_pages=512, attn_block_pages=4)
+
+
+def get_llm(model: str, **kw):
+    from jaxserve import LLM
+
+    key = (model, tuple(sorted(kw.items())))
+    if key not in _ENGINES:
+        random_weights = kw.pop("random_weights", model.startswith("tiny-"))
+        _ENGINES[key] = LLM(model, random_weights=random_weights, **kw)
+    llm = _ENGINES[key]
+    assert not llm.engine.has_unfinished_requests(), "a previous test left requests in the engine"
+    return llm
+
+
+@pytest.fixture(scope="session")
+def llm_factory():
+    return get_llm
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return get_llm("tiny-llama", **TINY_KW)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    return get_llm("tiny-gemma3", **TINY_KW)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real Gemma 3 270M, shared by every slow test."""
+    return get_llm("gemma3-270m", max_model_len=1024, max_num_seqs=8)
