@@ -350,6 +350,9 @@ class EngineConfig:
     dtype: str = "float32"  # compute/weight dtype; float32 is fastest on XLA:CPU (see README)
     kv_cache_dtype: str = "float32"
     attention_impl: str = "auto"  # "auto" | "xla" | "pallas"
+    # Bit-identical outputs whatever else shares a request's step (see models/transformer.py ROW_TILE);
+    # on XLA:CPU it costs batch-1 decode speed (a 2-row GEMM replaces the matrix-vector kernel).
+    batch_invariant: bool = False
     scheduler: str = "continuous"  # "continuous" | "static"
     enable_prefix_caching: bool = True
     max_logprobs: int = 20

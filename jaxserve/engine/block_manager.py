@@ -63,10 +63,11 @@ class BlockManagerError(JaxserveError, RuntimeError):
 class _SeqState:
     """Per-sequence bookkeeping: its block table and where its prefix-cache hash chain stands."""
 
-    __slots__ = ("pages", "num_hashed", "last_hash", "root")
+    __slots__ = ("pages", "num_hashed", "last_hash", "root", "cacheable")
 
     def __init__(self, root: bytes):
         self.pages: List[int] = []
+        self.cacheable = True  # False once its KV predates a reset_prefix_cache()
         self.num_hashed = 0  # leading full pages whose chain hash is known (hit or committed)
         self.root = root  # h_{-1}: salt of this sequence
         self.last_hash = root  # h_{num_hashed - 1}
@@ -230,7 +231,7 @@ class BlockManager:
                 break
             ref = self._ref[page]
             if ref == 0:
-                del self._evictable[page]  # revive
+                pass
                 self._num_used += 1
             self._ref[page] = ref + 1
             st.pages.append(page)
@@ -263,7 +264,7 @@ class BlockManager:
         another page stays private (the existing mapping wins), but the chain still advances past it.
         """
         st = self._get(seq_id)
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and st.cacheable):
             return 0
         ps = self.page_size
         if num_computed_tokens > len(token_ids_so_far):
@@ -301,9 +302,15 @@ class BlockManager:
 
     # ------------------------------------------------------------------ cache management, stats, checks
     def reset_prefix_cache(self) -> int:
-        """Forget every cached hash (e.g. after a weight reload). Evictable pages become free; pages held by
-        live sequences stay allocated but are no longer shared with new prompts. Returns entries dropped.
-        O(cached pages)."""
+        """Forget every cached hash (e.g. after a weight reload). Returns the number of entries dropped.
+
+        Evictable pages become free. Pages held by live sequences stay allocated (and keep being used by
+        those sequences) but are no longer shared with new prompts, and live sequences never register pages
+        again: all their later KV attends to pre-reset KV, so it must not leak into the new cache. For a
+        weight reload, the engine should also preempt or finish running sequences (their KV is stale).
+        O(cached pages + live sequences)."""
+        for st in self._seqs.values():
+            st.cacheable = False
         dropped = len(self._hash_to_page)
         for page in self._hash_to_page.values():
             self._page_hash[page] = None

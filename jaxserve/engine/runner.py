@@ -96,7 +96,8 @@ class ModelRunner:
     # -------------------------------------------------------------- programs
     def _step(self, params, kv, inp: StepInputs, st: SamplingTensors):
         logits, kv = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
-                                  block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn)
+                                  block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                                  batch_invariant=self.cfg.batch_invariant)
         return sample(logits, st, self.max_logprobs), kv
 
     def _abstract_inputs(self, R: int, Q: int):

@@ -36,6 +36,38 @@ class StepInputs(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
+# XLA:CPU picks its GEMM algorithm by the number of rows M (one row: a matrix-vector kernel; 2..32 rows; more
+# rows), and the three give slightly different per-row results. Running every matmul on 2..32-row tiles makes
+# a token's result independent of how many tokens share its step (batch invariance; tests/test_batch_invariance).
+ROW_TILE = 32
+# Query tokens per attention dot, so that (tokens x query heads per KV head) stays in one regime too.
+ATTN_M = 16
+
+
+def attn_query_tile(cfg: ModelConfig) -> int:
+    g = cfg.num_heads // cfg.num_kv_heads
+    t = max(1, ATTN_M // g)
+    return 1 << (t.bit_length() - 1)  # a power of two, so it divides every Q bucket
+
+
+def dense(x, w, invariant: bool = False):
+    """x [..., K] @ w [K, N]; with `invariant`, on 2..32-row tiles (see ROW_TILE)."""
+    if not invariant:
+        return x @ w
+    lead, K = x.shape[:-1], x.shape[-1]
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
+    if M == 1:
+        y = (jnp.concatenate([x2, x2]) @ w)[:1]
+    elif M <= ROW_TILE:
+        y = x2 @ w
+    else:
+        pad = -M % ROW_TILE  # steps never pad (their M is a multiple of 32); the reference forward may
+        xp = jnp.pad(x2, ((0, pad), (0, 0)))
+        y = jax.lax.map(lambda t: t @ w, xp.reshape(-1, ROW_TILE, K)).reshape(M + pad, -1)[:M]
+    return y.reshape(*lead, w.shape[-1])
+
+
 def rms_norm(x, w, eps):
     """RMSNorm with `w` the effective multiplier (Gemma's 1 + w is folded in at load time)."""
     xf = x.astype(jnp.float32)
@@ -99,23 +131,23 @@ def embed_tokens(cfg: ModelConfig, params, tokens):
     return x
 
 
-def lm_head(cfg: ModelConfig, params, x):
+def lm_head(cfg: ModelConfig, params, x, inv: bool = False):
     """Final norm + vocabulary projection, logits in float32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if "lm_head" in params:
-        logits = x @ params["lm_head"]
+        logits = dense(x, params["lm_head"], inv)
     else:
-        logits = jnp.einsum("...d,vd->...v", x, params["embed"])
+        logits = dense(x, params["embed"].T, inv)
     return softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
 
 
-def mlp(cfg: ModelConfig, lp, h):
-    return (activation(cfg, h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+def mlp(cfg: ModelConfig, lp, h, inv: bool = False):
+    return dense(activation(cfg, dense(h, lp["w_gate"], inv)) * dense(h, lp["w_up"], inv), lp["w_down"], inv)
 
 
-def qkv(cfg: ModelConfig, lp, h, positions, inv_freq):
+def qkv(cfg: ModelConfig, lp, h, positions, inv_freq, inv: bool = False):
     """Project, (QK-norm), RoPE. h [..., T, D] -> q [..., T, Hq, hd], k/v [..., T, Hkv, hd]."""
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    q, k, v = dense(h, lp["wq"], inv), dense(h, lp["wk"], inv), dense(h, lp["wv"], inv)
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     lead = h.shape[:-1]
@@ -134,36 +166,34 @@ def qkv(cfg: ModelConfig, lp, h, positions, inv_freq):
 
 
 def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
-                        block_pages):
+                        block_pages, batch_invariant: bool = False):
     """q [R, Q, Hq, hd] against the pages of each row; k/v_cache [L, slots, Hkv, hd] (all layers).
 
     The loop visits only blocks that hold visible keys: from the first block inside the sliding window of
-    the batch's earliest query to the block holding the longest context. Reading the cache with a gather
-    indexed by (layer, slot) avoids materialising a per-layer copy of the cache.
+    the batch's earliest query to the block holding the longest context (blocks that are fully masked for a
+    row are exact no-ops for it). Reading the cache with a gather indexed by (layer, slot) avoids
+    materialising a per-layer copy of the cache. Queries go through the score and value dots in tiles of
+    `attn_query_tile(cfg)` tokens so a token's result does not depend on how many share its step.
     """
     R, Q, Hq, hd = q.shape
     Hkv = cfg.num_kv_heads
     G = Hq // Hkv
     B = block_pages * page_size
-    qg = (q.astype(jnp.float32) * cfg.attn_scale).reshape(R, Q, Hkv, G, hd)
-    valid_q = q_pos >= 0
+    qt = min(Q, attn_query_tile(cfg)) if batch_invariant else Q
+    T = Q // qt
+    qg = (q.astype(jnp.float32) * cfg.attn_scale).reshape(R, T, qt, Hkv, G, hd)
+    qp = q_pos.reshape(R, T, qt)
 
     n_blocks = (jnp.max(kv_lens) + B - 1) // B
-    min_q = jnp.min(jnp.where(valid_q, q_pos, jnp.iinfo(jnp.int32).max))
+    min_q = jnp.min(jnp.where(q_pos >= 0, q_pos, jnp.iinfo(jnp.int32).max))
     first = jnp.where(window > 0, jnp.maximum(min_q - window + 1, 0) // B, 0)
     first = jnp.minimum(first, n_blocks)
 
-    def body(b, carry):
-        m, l, acc = carry
-        pages = jax.lax.dynamic_slice_in_dim(block_tables, b * block_pages, block_pages, axis=1)  # [R, bp]
-        slot = (pages[:, :, None] * page_size + jnp.arange(page_size)[None, None, :]).reshape(R, B)
-        kb = k_cache[layer, slot].astype(jnp.float32)  # [R, B, Hkv, hd]
-        vb = v_cache[layer, slot].astype(jnp.float32)
-        s = jnp.einsum("rqkgd,rbkd->rqkgb", qg, kb)
-        s = softcap(s, cfg.attn_logit_softcap)
-        kpos = b * B + jnp.arange(B)
-        vis = (kpos[None, None, :] <= q_pos[:, :, None]) & (kpos[None, None, :] < kv_lens[:, None, None])
-        vis &= (window <= 0) | (q_pos[:, :, None] - kpos[None, None, :] < window)
+    def update(qtile, pos, m, l, acc, kb, vb, kpos):
+        # qtile [R, qt, Hkv, G, hd]; pos [R, qt]; m, l [R, qt, Hkv, G]; acc [R, qt, Hkv, G, hd]
+        s = softcap(jnp.einsum("rqkgd,rbkd->rqkgb", qtile, kb), cfg.attn_logit_softcap)
+        vis = (kpos[None, None, :] <= pos[:, :, None]) & (kpos[None, None, :] < kv_lens[:, None, None])
+        vis &= (window <= 0) | (pos[:, :, None] - kpos[None, None, :] < window)
         s = jnp.where(vis[:, :, None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -173,10 +203,23 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
         acc = acc * corr[..., None] + jnp.einsum("rqkgb,rbkd->rqkgd", p, vb)
         return m_new, l, acc
 
+    def body(b, carry):
+        pages = jax.lax.dynamic_slice_in_dim(block_tables, b * block_pages, block_pages, axis=1)  # [R, bp]
+        slot = (pages[:, :, None] * page_size + jnp.arange(page_size)[None, None, :]).reshape(R, B)
+        kb = k_cache[layer, slot].astype(jnp.float32)  # [R, B, Hkv, hd]
+        vb = v_cache[layer, slot].astype(jnp.float32)
+        kpos = b * B + jnp.arange(B)
+        if T == 1:
+            m, l, acc = update(qg[:, 0], qp[:, 0], *(c[:, 0] for c in carry), kb, vb, kpos)
+            return m[:, None], l[:, None], acc[:, None]
+        tiles = jax.lax.map(lambda xs: update(*xs, kb, vb, kpos),
+                            tuple(jnp.moveaxis(a, 1, 0) for a in (qg, qp) + carry))
+        return tuple(jnp.moveaxis(a, 0, 1) for a in tiles)
+
     init = (
-        jnp.full((R, Q, Hkv, G), -jnp.inf, jnp.float32),
-        jnp.zeros((R, Q, Hkv, G), jnp.float32),
-        jnp.zeros((R, Q, Hkv, G, hd), jnp.float32),
+        jnp.full((R, T, qt, Hkv, G), -jnp.inf, jnp.float32),
+        jnp.zeros((R, T, qt, Hkv, G), jnp.float32),
+        jnp.zeros((R, T, qt, Hkv, G, hd), jnp.float32),
     )
     m, l, acc = jax.lax.fori_loop(first, n_blocks, body, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
@@ -189,7 +232,7 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
 
 
 def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: int, block_pages: int,
-                 attention_fn=None):
+                 attention_fn=None, batch_invariant: bool = False):
     """Run R x Q new tokens through the model, writing their K/V into the pages.
 
     Returns (logits f32[R, V] of each row's last new token, updated kv).
@@ -203,22 +246,23 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
     valid = jnp.arange(Q)[None, :] < inp.q_lens[:, None]
     q_pos = jnp.where(valid, inp.positions, -1)
     eps = cfg.rms_norm_eps
+    inv = batch_invariant
 
     def layer_fn(carry, xs):
         x, kc, vc = carry
         lp, window, freq, layer = xs
         h = rms_norm(x, lp["attn_norm"], eps)
-        q, k, v = qkv(cfg, lp, h, inp.positions, freq)
+        q, k, v = qkv(cfg, lp, h, inp.positions, freq, inv)
         kc = kc.at[layer, flat_slots].set(k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(kc.dtype))
         vc = vc.at[layer, flat_slots].set(v.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(vc.dtype))
         o = attention_fn(cfg, q, kc, vc, layer, inp.block_tables, inp.kv_lens, q_pos, window,
-                         page_size=page_size, block_pages=block_pages)
-        o = o.reshape(R, Q, cfg.q_size) @ lp["wo"]
+                         page_size=page_size, block_pages=block_pages, batch_invariant=inv)
+        o = dense(o.reshape(R, Q, cfg.q_size), lp["wo"], inv)
         if cfg.post_norms:
             o = rms_norm(o, lp["post_attn_norm"], eps)
         x = x + o
         h = rms_norm(x, lp["mlp_norm"], eps)
-        m = mlp(cfg, lp, h)
+        m = mlp(cfg, lp, h, inv)
         if cfg.post_norms:
             m = rms_norm(m, lp["post_mlp_norm"], eps)
         return (x + m, kc, vc), None
@@ -227,7 +271,7 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
     (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kv["k"], kv["v"]), (params["layers"], windows, inv_freq, layers))
     last = jnp.maximum(inp.q_lens - 1, 0)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [R, D]
-    return lm_head(cfg, params, x_last), {"k": kc, "v": vc}
+    return lm_head(cfg, params, x_last, inv), {"k": kc, "v": vc}
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
