@@ -21,13 +21,17 @@ META_FILE = "tokenizer_meta.json"
 
 
 # ----------------------------------------------------------------------------------------- chat templates
-def _text(content) -> str:
-    """Message content as text: a string, or OpenAI-style parts `[{"type": "text", "text": ...}, ...]`."""
+def _text(content, strip: bool = False) -> str:
+    """Message content as text: a string, or OpenAI-style parts `[{"type": "text", "text": ...}, ...]`.
+
+    With `strip`, each part is stripped (as Gemma's and Llama's templates `trim` each text item).
+    """
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        return content.strip() if strip else content
+    parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
+    return "".join(p.strip() if strip else p for p in parts)
 
 
 def _split_system(messages: Sequence[dict]) -> tuple:
@@ -43,14 +47,14 @@ def _gemma(messages, add_generation_prompt, bos_token, eos_token) -> str:
     for i, m in enumerate(rest):
         role = "model" if m["role"] == "assistant" else m["role"]
         prefix = system + "\n\n" if (i == 0 and system is not None) else ""
-        out.append(f"<start_of_turn>{role}\n{prefix}{_text(m.get('content')).strip()}<end_of_turn>\n")
+        out.append(f"<start_of_turn>{role}\n{prefix}{_text(m.get('content'), strip=True)}<end_of_turn>\n")
     if add_generation_prompt:
         out.append("<start_of_turn>model\n")
     return "".join(out)
 
 
 def _llama3(messages, add_generation_prompt, bos_token, eos_token) -> str:
-    out = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{_text(m.get('content')).strip()}<|eot_id|>" for m in messages]
+    out = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{_text(m.get('content'), strip=True)}<|eot_id|>" for m in messages]
     if add_generation_prompt:
         out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
     return "".join(out)
@@ -61,13 +65,13 @@ def _llama2(messages, add_generation_prompt, bos_token, eos_token) -> str:
     system, rest = _split_system(messages)
     out = []
     for i, m in enumerate(rest):
-        content = _text(m.get("content")).strip()
+        content = _text(m.get("content"))
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
         if m["role"] == "user":
-            if i == 0 and system is not None:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-            out.append(("" if i == 0 else bos_token) + f"[INST] {content} [/INST]")
+            out.append(("" if i == 0 else bos_token) + f"[INST] {content.strip()} [/INST]")
         else:
-            out.append(f" {content} {eos_token}")
+            out.append(f" {content.strip()} {eos_token}")
     return "".join(out)
 
 
@@ -76,7 +80,7 @@ def _mistral(messages, add_generation_prompt, bos_token, eos_token) -> str:
     system, rest = _split_system(messages)
     out = []
     for i, m in enumerate(rest):
-        content = _text(m.get("content")).strip()
+        content = _text(m.get("content"), strip=True)
         if m["role"] == "user":
             if i == 0 and system is not None:
                 content = f"{system}\n\n{content}"
@@ -137,8 +141,16 @@ class Tokenizer:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = pad_id
         self.chat_template = chat_template
-        self.bos_token = backend.id_to_token(bos_id) if bos_id is not None else ""
-        self.eos_token = backend.id_to_token(self.eos_ids[0]) if self.eos_ids else ""
+
+    @property
+    def bos_token(self) -> str:
+        """BOS as text ("" if the model has none)."""
+        return (self._tok.id_to_token(self.bos_id) or "") if self.bos_id is not None else ""
+
+    @property
+    def eos_token(self) -> str:
+        """The first EOS id as text."""
+        return (self._tok.id_to_token(self.eos_ids[0]) or "") if self.eos_ids else ""
 
     # ---- construction / persistence
     @classmethod

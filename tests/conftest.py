@@ -47,4 +47,4 @@ def tiny_gemma3():
 @pytest.fixture(scope="session")
 def gemma():
     """The real Gemma 3 270M, shared by every slow test."""
-    return get_llm("gemma3-270m", max_model_len=1024, max_num_seqs=8)
+    return get_llm("gemma3-270m", max_model_len=1024, max_num_seqs=8, num_pages=1024)

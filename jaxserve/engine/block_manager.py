@@ -231,7 +231,7 @@ class BlockManager:
                 break
             ref = self._ref[page]
             if ref == 0:
-                pass
+                del self._evictable[page]  # revive
                 self._num_used += 1
             self._ref[page] = ref + 1
             st.pages.append(page)

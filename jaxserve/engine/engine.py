@@ -38,6 +38,8 @@ class EngineStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     busy_seconds: float = 0.0
+    kind_seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    kind_tokens: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # tokens computed
     ttfts: list = field(default_factory=list)
     tpots: list = field(default_factory=list)
 
@@ -54,8 +56,6 @@ class _Request:
 class LLMEngine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, tokenizer,
                  num_pages: Optional[int] = None, runner=None):
-        from jaxserve.planner import default_kv_budget_bytes, kv_pages_for_budget
-
         engine_cfg.validate(model_cfg)
         self.model_cfg = model_cfg
         self.cfg = engine_cfg
@@ -64,6 +64,8 @@ class LLMEngine:
         if num_pages is None:
             num_pages = engine_cfg.num_pages
         if num_pages is None:
+            from jaxserve.planner import default_kv_budget_bytes, kv_pages_for_budget
+
             budget = engine_cfg.kv_cache_bytes or default_kv_budget_bytes(model_cfg, engine_cfg)
             num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget)
         self.num_pages = num_pages
@@ -160,6 +162,8 @@ class LLMEngine:
         tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
         now = time.monotonic()
         self.stats.busy_seconds += now - t0
+        self.stats.kind_seconds[out.kind] += now - t0
+        self.stats.kind_tokens[out.kind] += sum(r.num_new for r in out.rows)
         self.stats.steps += 1
         if out.kind == "prefill":
             self.stats.prefill_steps += 1

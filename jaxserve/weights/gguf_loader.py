@@ -288,6 +288,9 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict, rope_freqs:
         tie_word_embeddings="output.weight" not in tensor_shapes,
         pad_token_id=int(tok("padding_token_id") or 0),
     )
+    sizes = {k: common[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")}
+    if min(sizes.values()) <= 0 or common["num_heads"] % common["num_kv_heads"]:
+        raise CheckpointError(f"{path}: impossible model sizes in the GGUF metadata {sizes} (corrupt file?)")
     general_name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
     name = _slug(general_name)
 
@@ -365,7 +368,8 @@ def _dequant_rows(t, r0: int, r1: int) -> np.ndarray:
     from gguf.quants import dequantize
 
     data = t.data.reshape(-1, t.data.shape[-1])
-    return np.asarray(dequantize(data[r0:r1], t.tensor_type), dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # corrupt scales: reported by the isfinite check
+        return np.asarray(dequantize(data[r0:r1], t.tensor_type), dtype=np.float32)
 
 
 def _row_chunks(t) -> list:
@@ -392,7 +396,8 @@ def load_gguf(path) -> tuple:
         return _load(path, reader)
     except CheckpointError:
         raise
-    except (_CorruptFile, ValueError, KeyError, IndexError, TypeError, struct.error, OverflowError, AssertionError) as e:
+    except (_CorruptFile, ValueError, KeyError, IndexError, TypeError, struct.error, OverflowError,
+            ZeroDivisionError, MemoryError, AssertionError) as e:
         raise CheckpointError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
     except OSError as e:  # e.g. SIGBUS-free short reads surface as OSError on some filesystems
         raise CheckpointError(f"{path}: cannot read file ({e})") from None
@@ -458,6 +463,16 @@ def _load(path: str, reader) -> tuple:
         if shapes[name] != tuple(shape):
             raise CheckpointError(f"{path}: tensor {name} has shape {shapes[name]}, expected {tuple(shape)}")
         return t
+
+    # Validate every tensor before allocating anything: a corrupt size in the metadata must not turn into a
+    # 100 GB allocation. Once all shapes agree with the tensors in the file, the outputs are bounded by it.
+    tensor("token_embd.weight", (V, D))
+    tensor("output_norm.weight", (D,))
+    if not cfg.tie_word_embeddings:
+        tensor("output.weight", (V, D))
+    for pattern, shape in layer_spec.values():
+        for i in range(L):
+            tensor(pattern.format(i), shape)
 
     params: dict = {"layers": {}}
     # Work items: (tensor, r0, r1, write(rows_array, r0, r1)). Each writes into a preallocated output.

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Decode throughput on Gemma 3 270M at batch 1, 8 and 32, against this machine's memory bandwidth,
+with HF transformers (CPU torch) at batch 1 on the same prompt in the same run; plus start-up time.
+
+    python scripts/bench_decode.py [--batches 1 8 32] [--new-tokens 64] [--no-hf] [--no-startup]
+
+Writes bench_results/decode.json and prints a Markdown table. Decode tokens/s counts only decode steps
+(prefill is timed separately), so batch sizes compare the memory-bound phase directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based ink and a wooden press adapted from wine making. Within")
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """numpy copy bandwidth in bytes/s, counting read + write (the same convention as MEASURED.md)."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def step_bytes(llm, batch: int, context: int) -> dict:
+    """Bytes one decode step must read: every weight once + the visible KV of each sequence."""
+    import jax
+
+    cfg = llm.model_config
+    weights = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.params))
+    elem = np.dtype(llm.engine_config.kv_cache_dtype).itemsize
+    per_layer_tok = 2 * cfg.num_kv_heads * cfg.head_dim * elem
+    visible = sum(min(context, w) if w else context for w in cfg.layer_windows())
+    kv = batch * visible * per_layer_tok
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def run_steps(llm, batch: int, new_tokens: int) -> dict:
+    from jaxserve import SamplingParams
+
+    eng = llm.engine
+    prompt_ids = llm.tokenizer.encode(PROMPT)
+    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(prompt_ids, sp, request_id=f"bench-{batch}-{i}-{time.monotonic_ns()}")
+    s0 = dict(eng.stats.kind_seconds), dict(eng.stats.kind_tokens)
+    while eng.has_unfinished_requests():
+        eng.step()
+    dec_s = eng.stats.kind_seconds["decode"] - s0[0].get("decode", 0.0)
+    dec_t = eng.stats.kind_tokens["decode"] - s0[1].get("decode", 0)
+    pre_s = eng.stats.kind_seconds["prefill"] - s0[0].get("prefill", 0.0)
+    pre_t = eng.stats.kind_tokens["prefill"] - s0[1].get("prefill", 0)
+    return {"decode_tokens": dec_t, "decode_seconds": dec_s, "prefill_tokens": pre_t, "prefill_seconds": pre_s,
+            "prompt_tokens": len(prompt_ids)}
+
+
+def startup_times(python: str = sys.executable) -> dict:
+    """Time LLM('gemma3-270m') -> first token in fresh processes: cold (empty caches) then warm."""
+    import tempfile
+
+    code = ("import time; t=time.monotonic(); from jaxserve import LLM, SamplingParams; "
+            "llm=LLM('gemma3-270m', max_num_seqs=1); "
+            "o=llm.generate(['Hello'], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False); "
+            "import json; print(json.dumps({'first_token_s': time.monotonic()-t, 'compile_s': llm.compile_seconds}))")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, JAXSERVE_CACHE=cache)
+        for label in ("cold", "warm"):
+            r = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+            if r.returncode != 0:
+                out[label] = {"error": r.stderr[-2000:]}
+            else:
+                out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up measurement")
+    ap.add_argument("--batch-invariant", action="store_true", help="run jaxserve in batch-invariant mode")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench_results", "decode.json"))
+    args = ap.parse_args(argv)
+
+    from jaxserve import LLM
+
+    result = {"machine": {"cpus": os.cpu_count()}, "rows": [], "command": " ".join(["python"] + sys.argv)}
+    bw = measure_bandwidth()
+    result["machine"]["copy_bandwidth_GBps"] = bw / 1e9
+    t0 = time.monotonic()
+    llm = LLM("gemma3-270m", max_num_seqs=max(args.batches), max_model_len=1024,
+              batch_invariant=args.batch_invariant)
+    result["jaxserve_startup_s"] = time.monotonic() - t0
+    run_steps(llm, 1, 4)  # warm caches and allocator
+    for b in args.batches:
+        r = run_steps(llm, b, args.new_tokens)
+        steps = r["decode_tokens"] / b
+        step_s = r["decode_seconds"] / steps
+        ctx = r["prompt_tokens"] + args.new_tokens // 2
+        by = step_bytes(llm, b, ctx)
+        result["rows"].append({
+            "engine": "jaxserve", "batch": b, "decode_tok_s": r["decode_tokens"] / r["decode_seconds"],
+            "step_ms": step_s * 1e3, "bytes_per_step": by["total"], "weight_bytes": by["weights"],
+            "kv_bytes": by["kv"], "achieved_GBps": by["total"] / step_s / 1e9,
+            "roofline_fraction": (by["total"] / step_s) / bw,
+            "prefill_tok_s": r["prefill_tokens"] / r["prefill_seconds"] if r["prefill_seconds"] else None,
+        })
+        print(json.dumps(result["rows"][-1]), flush=True)
+    del llm
+
+    if not args.no_hf:
+        try:
+            sys.path.insert(0, os.path.join(ROOT, "scripts"))
+            from hf_baseline import hf_decode_tokens_per_s, load_hf_gemma3
+
+            model, tok = load_hf_gemma3()
+            ids = tok(PROMPT, return_tensors="pt").input_ids[0].tolist()
+            tps = hf_decode_tokens_per_s(model, ids, 1, args.new_tokens)
+            result["rows"].append({"engine": "hf-transformers (torch CPU, float32)", "batch": 1, "decode_tok_s": tps})
+            print(json.dumps(result["rows"][-1]), flush=True)
+        except ImportError as e:
+            result["hf_error"] = f"HF baseline skipped: {e} (pip install -e '.[bench]')"
+            print(result["hf_error"], file=sys.stderr)
+
+    if not args.no_startup:
+        result["startup"] = startup_times()
+        print(json.dumps(result["startup"]), flush=True)
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print()
+    print(f"Machine copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
+    print("| engine | batch | decode tok/s | step ms | bytes/step | achieved GB/s | roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        if r["engine"] == "jaxserve":
+            print(f"| jaxserve | {r['batch']} | {r['decode_tok_s']:.1f} | {r['step_ms']:.1f} | "
+                  f"{r['bytes_per_step'] / 1e9:.2f} GB | {r['achieved_GBps']:.1f} | {r['roofline_fraction']:.0%} |")
+        else:
+            print(f"| {r['engine']} | {r['batch']} | {r['decode_tok_s']:.1f} | | | | |")
+    if "startup" in result:
+        s = result["startup"]
+        print(f"\nStart-up to first token: cold {s['cold'].get('first_token_s', float('nan')):.1f} s, "
+              f"warm (converted checkpoint + compilation cache) {s['warm'].get('first_token_s', float('nan')):.1f} s")
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
