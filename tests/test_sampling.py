@@ -226,8 +226,29 @@ def test_greedy_rows_unaffected_by_random_rows():
 def test_bf16_logits_accepted():
     x = rand_logits(np.random.default_rng(2), R_STD, V_STD)
     st = SamplingTensors(**arrays_for([SP(temperature=0)] * R_STD))
-    res = _sample(jnp.asarray(x, jnp.bfloat16), st, NMAX)
-    np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)).argmax(1))
+    xb = jnp.asarray(x, jnp.bfloat16)
+    res = _sample(xb, st, NMAX)
+    np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(xb.astype(jnp.float32)).argmax(1))
+
+
+@pytest.mark.parametrize("k", [1, 20, 64])
+def test_blocked_top_k_is_exact(k):
+    """The two-stage top-k (top blocks by maximum, then top-k inside them) equals lax.top_k in values; without
+    ties also in ids; with heavy ties the ids still point at the right values."""
+    rng = np.random.default_rng(k)
+    V = 1 << 16
+    distinct = rng.permutation(V).astype(np.float32)[None].repeat(2, 0) / 7
+    distinct[1] *= -1
+    tied = np.round(rng.standard_normal((2, V)) * 2).astype(np.float32)  # ~15 distinct values
+    for x in (distinct, tied):
+        bm = x.reshape(2, -1, sampling.LEAF).max(2)
+        v, i = jax.jit(sampling._top_k_blocked, static_argnums=(2,))(x, bm, k)
+        rv, ri = jax.lax.top_k(x, k)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+        np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(i), 1), np.asarray(rv))
+        assert all(len(set(r)) == k for r in np.asarray(i).tolist())
+        if x is distinct:
+            np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
 
 
 # ------------------------------------------------------------------------------------------------ distributions
@@ -368,6 +389,17 @@ def test_distribution_across_many_leaves_and_groups():
         assert_matches(toks, probs)
 
 
+@pytest.mark.parametrize("k", [50, 100, 300, 1500])
+def test_top_k_tiers_at_larger_vocab(k):
+    """V = 5000: k = 50, 100, 300 use the top-k tiers 64 / 256 / 1024, k = 1500 (> TOP_K_CAP) the bisection."""
+    l = rand_logits(np.random.default_rng(k), 1, 5000, scale=1.0)[0]
+    l[[7, 4999]] = l.max()  # a tie at the top, far apart
+    toks = draw(l, SP(temperature=0.9, top_k=k), pad=False)
+    keep, probs = ref_keep(l, 0.9, k=k)
+    assert keep.sum() == k
+    assert_matches(toks, probs)
+
+
 def test_gemma_sized_vocab_rows_stay_in_reference_sets():
     """V = 262144 with every feature in one batch: greedy rows are the penalised argmax, random rows stay in the
     reference kept set, and same seed + step gives the same token again."""
@@ -376,7 +408,7 @@ def test_gemma_sized_vocab_rows_stay_in_reference_sets():
     x = (rng.standard_normal((R_STD, V)) * 2.0 - 4.0).astype(np.float32)
     x[:, rng.choice(V, 40, replace=False)] += 9.0
     params = [SP(temperature=0), SP(temperature=0.8), SP(temperature=0.8, top_k=50), SP(temperature=0.8, top_p=0.9),
-              SP(temperature=1.0, top_k=300, top_p=0.5, min_p=0.02),
+              SP(temperature=1.0, top_k=3000, top_p=0.5, min_p=0.02),
               SP(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, logprobs=2),
               SP(temperature=1.5, top_p=0.95, presence_penalty=1.0), SP(temperature=0.7, min_p=0.1, logprobs=0)]
     hist = [rng.integers(0, V, 6).tolist() + [int(x[i].argmax())] for i in range(R_STD)]
@@ -632,3 +664,28 @@ def test_property_greedy_argmax_any_floats(vals):
     x[1, -len(vals):] = vals
     res = run(x, [SP(temperature=0)] * 2)
     np.testing.assert_array_equal(res.tokens, x.argmax(1))
+
+
+def test_row_count_mismatch_is_a_clear_error():
+    st = SamplingTensors(**arrays_for([SP()] * 4))
+    with pytest.raises(ValueError, match="rows"):
+        sample(jnp.zeros((8, 16)), st, NMAX)
+
+
+def test_logprob_of_a_penalised_sampled_token_is_raw():
+    """The sampled token's logprob is rebuilt from the pre-penalty value when a penalty changed its logit."""
+    x = np.array([[4.0, 1.0, 0.5, 3.9] + [-2.0] * 12], np.float32)
+    params = [SP(temperature=0, repetition_penalty=1.01, frequency_penalty=0.01, logprobs=1)]
+    res = run(x, params, hist=[[0, 0, 2]], out_start=[1])
+    assert res.tokens[0] == 0  # still the argmax after the (mild) penalties
+    np.testing.assert_allclose(res.logprob[0], np.log(softmax(x[0]))[0], rtol=1e-6)
+    np.testing.assert_array_equal(res.top_ids[0], [0, -1, -1, -1])
+
+
+def test_row_count_not_a_multiple_of_the_chunk():
+    x = rand_logits(np.random.default_rng(21), 6, 16)
+    params = [SP(temperature=0), SP(temperature=1.0, top_p=0.5)] * 3
+    a = run(x, params, pad=False)
+    b = run(x, params, pad=False, row_chunk=6)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.tokens[::2], x[::2].argmax(1))

@@ -20,7 +20,7 @@ from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.engine.request import Priority, Sequence, Status
 from jaxserve.engine.scheduler import Scheduler
-from jaxserve.errors import InvalidPromptError, RequestTooLargeError
+from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxserve")
@@ -104,6 +104,8 @@ class LLMEngine:
         params = params or SamplingParams()
         params.validate(self.cfg.max_logprobs)
         priority = Priority.parse(priority)
+        if params.min_tokens and len(set(params.stop_token_ids) | set(self.model_cfg.eos_token_ids)) > 16:
+            raise InvalidSamplingParamsError("min_tokens supports at most 16 stop token ids (EOS included)")
         prompt_ids = self.tokenize_prompt(prompt)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidPromptError(

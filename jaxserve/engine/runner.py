@@ -81,7 +81,7 @@ class ModelRunner:
         self.page_size = engine_cfg.page_size
         self.P = engine_cfg.pages_per_seq(model_cfg)
         self.H = engine_cfg.model_len(model_cfg)  # history width for penalties
-        self.NB = 8  # banned ids per row (EOS/stop ids while min_tokens is unmet)
+        self.NB = 16  # banned ids per row (EOS/stop ids while min_tokens is unmet; checked at admission)
         self.max_logprobs = engine_cfg.max_logprobs
         self.attention_fn = attention_fn
         dtype = jnp.dtype(engine_cfg.dtype)
@@ -184,7 +184,7 @@ class ModelRunner:
             out_start.append(len(s.prompt_token_ids))
             steps.append(len(s.output_token_ids))
             seeds.append(s.seed)
-            banned.append(sorted(s.stop_token_ids)[: self.NB] if len(s.output_token_ids) < s.params.min_tokens else [])
+            banned.append(sorted(s.stop_token_ids) if len(s.output_token_ids) < s.params.min_tokens else [])
         return build_sampling_arrays(params, hist, out_start, steps, seeds, banned, R, self.H, self.NB)
 
     def compiled_buckets(self) -> list:

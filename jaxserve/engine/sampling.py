@@ -2,34 +2,40 @@
 
 Pipeline per row (vLLM order):
 
-    raw logits ──▶ logprobs = log_softmax(raw)            (what the model said; vLLM's default "raw" logprobs)
+    raw logits ──▶ logprobs = log_softmax(raw), top-n ids    (the model's distribution: vLLM's default "raw" mode)
          │
          └─▶ penalties (repetition on prompt+output, presence/frequency on output) ─▶ banned ids = -inf
                ├─▶ greedy rows: argmax (first index on ties)
-               └─▶ / temperature ─▶ top-k ─▶ top-p ─▶ min-p ─▶ categorical sample
+               └─▶ / temperature ─▶ top-k ─▶ top-p ─▶ min-p ─▶ categorical draw
 
-Exactness. Every filter keeps an *upper set* of the row's values, with ties at the boundary kept together:
+Exactness. Each filter keeps an *upper set* of the row's values; a group of equal values at the boundary is kept
+whole (deterministic, no dependence on sort order):
 
-* top-k keeps every token whose value is >= the k-th largest value (vLLM semantics: more than k tokens survive
-  only if values tie exactly at the k-th place). k <= `top_k_cap` reads the k-th value off one `lax.top_k`;
-  larger k finds it by a bisection over the float's ordered bit pattern (exact, <= 32 counting passes).
-* top-p (on the distribution left by top-k) keeps token i iff the mass of tokens with strictly larger
-  probability is < p: the smallest top set whose mass is >= p, with a tie group at the boundary kept whole.
-  It is sampled by *rejection*: draw from the top-k/min-p distribution, accept if the token is in the
-  nucleus (one pass). Accepted draws are exactly nucleus-distributed; acceptance probability is >= p, so the
-  expected number of draws is <= 1/p. Rows still rejected after `MAX_DRAWS` draws find the nucleus threshold by
-  bisection (exact) and draw once more.
-* min-p keeps tokens with prob >= min_p * max prob (a threshold on exp(s - max) >= min_p).
-* The categorical draw is an inverse CDF over blocks: one uniform per row, block sums of exp(s - max), pick the
-  block, then cumsum inside that one block. Tokens with zero mass (filtered, banned) are never returned.
+* top-k keeps every token whose scaled logit is >= the k-th largest (vLLM semantics: more than k survive only on
+  an exact tie at the k-th place). For k <= `top_k_cap` (1024) the k-th value comes from a blocked top-k
+  (the top blocks of 64 by block maximum, then lax.top_k inside them: exact, and far cheaper than lax.top_k over
+  V on CPU) in tiers of width 64 / 256 / 1024 chosen by the batch's largest k; larger k bisects the float's
+  ordered bit pattern (exact, <= 32 counting passes; the slow path).
+* top-p, on the distribution left by top-k, keeps token i iff the mass of tokens with strictly larger probability
+  is < p * Z: the smallest top set with mass >= p. It is sampled by *rejection*: draw from the top-k/min-p
+  distribution and accept if the token is in the nucleus (one masked-sum pass). Accepted draws are exactly
+  nucleus-distributed, acceptance is >= p, so a row needs <= 1/p draws on average. A row rejected `MAX_DRAWS`
+  times finds the nucleus threshold by bisection (exact) and draws once more.
+* min-p keeps tokens with prob >= min_p * max prob (exp(s - max) >= min_p), after top-p as in vLLM v0; as a ratio
+  test it does not depend on the renormalisation.
+* The draw is an inverse CDF with one uniform per row over a three-level hierarchy (groups of 64 leaves of 64
+  tokens): block sums, then three 64-wide cumsums. Tokens with zero mass are never returned. Draws resolve mass
+  to ~2^-23 of the total (f32 uniform), so tokens with probability below ~1e-7 are mis-weighted.
 
-Randomness: row key = fold_in(key(seed), step); draw a uses uniform(row key, (MAX_DRAWS + 1,))[a]. So a row's
-sample depends only on its seed, step and logits, never on its position or on the other rows of the batch.
+Randomness: row key = fold_in(key(seed), step); draw a uses uniform(row key, (MAX_DRAWS + 1,))[a]. A row's
+sample depends only on its seed, step and logits, not on its position or the other rows of the batch.
 
-Speed (CPU XLA): batch-wide flags computed on device gate every expensive stage with `lax.cond`, so an all-greedy
-batch costs about one argmax and a temperature-only batch about one exp pass. On CPU the rows are processed in
-chunks of a few rows (`lax.map`), which keeps each [rows, V] intermediate in cache; this is several times faster
-than one [32, 262144] pass because XLA:CPU materialises the producer of every reduction.
+Speed (CPU XLA). Batch-wide flags, computed on device, gate every expensive stage with `lax.cond`: an all-greedy
+batch costs one block-max pass, a temperature-only batch about one exp pass. On CPU, rows are processed in chunks
+of CPU_ROW_CHUNK rows (`lax.map`) so each [rows, V] intermediate stays in cache: XLA:CPU materialises the producer
+of every reduction, and one [32, 262144] temporary (32 MB) is several times slower than 8 chunks of 4 rows.
+Whatever a `lax.cond` branch captures is materialised even when the branch is skipped, so [C, V] temporaries are
+recomputed inside branches from the operand instead.
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ import jax.numpy as jnp
 from jax import lax
 
 GREEDY_EPS = 1e-5  # temperatures below this are treated as greedy (as vLLM does)
-TOP_K_SMALL = 64  # top-k tiers: k <= 64 (cheap), k <= TOP_K_CAP, larger k bisects
-TOP_K_CAP = 256
+TOP_K_TIERS = (64, 256)  # widths of the blocked top-k tiers below TOP_K_CAP (picked by the batch's largest k)
+TOP_K_CAP = 1024  # largest tier; larger k bisects
 MAX_DRAWS = 8  # top-p rejection draws before the exact bisection fallback
 CPU_ROW_CHUNK = 4  # rows per lax.map step on CPU
 
@@ -196,6 +202,10 @@ def sample(logits: jax.Array, st: SamplingTensors, max_logprobs: int, *, top_k_c
     logits = jnp.asarray(logits).astype(jnp.float32)
     st = jax.tree.map(jnp.asarray, st)
     R, V = logits.shape
+    for name in FIELDS:
+        shape = getattr(st, name).shape
+        if shape[:1] != (R,) or len(shape) != (2 if name in ("history", "banned") else 1):
+            raise ValueError(f"SamplingTensors.{name} has shape {shape}; logits have {R} rows")
     nmax = int(max_logprobs)
     if row_chunk is None:
         row_chunk = CPU_ROW_CHUNK if jax.default_backend() == "cpu" else R
@@ -205,8 +215,20 @@ def sample(logits: jax.Array, st: SamplingTensors, max_logprobs: int, *, top_k_c
         return fn(logits, st)
     G = R // C
     split = lambda a: a.reshape((G, C) + a.shape[1:])
-    res = lax.map(lambda a: fn(*a), (split(logits), jax.tree.map(split, st)))
-    return jax.tree.map(lambda a: a.reshape((R,) + a.shape[2:]), res)
+
+    def chunked(x):
+        res = lax.map(lambda a: fn(*a), (split(x), jax.tree.map(split, st)))
+        return jax.tree.map(lambda a: a.reshape((R,) + a.shape[2:]), res)
+
+    def plain_greedy(x):  # the whole batch in one argmax pass: no per-chunk slicing
+        tok = _argmax(x)[0]
+        return SampleResult(tok, jnp.zeros((R,), jnp.float32), jnp.full((R, nmax), -1, jnp.int32),
+                            jnp.full((R, nmax), _NEG_INF, jnp.float32))
+
+    simple = (jnp.all(st.temperature <= 0) & jnp.all(st.num_logprobs < 0) & jnp.all(st.banned < 0)
+              & jnp.all(st.repetition_penalty == 1) & jnp.all(st.presence_penalty == 0)
+              & jnp.all(st.frequency_penalty == 0))
+    return lax.cond(simple, plain_greedy, chunked, logits)
 
 
 LEAF = 64  # block width of every two-level scan (argmax, top-k, inverse CDF)
@@ -236,7 +258,7 @@ def _first_max(a):
 def _argmax(l):
     """First index of the row max, the max, and the LEAF-block maxima [C, NB]."""
     lb = _leaves(l, _NEG_INF)
-    bm = jnp.max(lb, axis=2)
+    bm = lax.optimization_barrier(jnp.max(lb, axis=2))  # else XLA folds max(max(.)) into a second full pass
     b, m = _first_max(bm)
     j, _ = _first_max(jnp.take_along_axis(lb, b[:, None, None], axis=1)[:, 0])
     return b * LEAF + j, m, bm
@@ -323,10 +345,10 @@ def _bisect_max_key(keys, weights, target, lo, hi):
 def _topk_threshold(s, bm, k, k_on, cap):
     """Exact k-th largest value per row (-inf where k_on is False). bm: LEAF-block maxima of s.
 
-    Tiers picked at run time by the largest k in the batch: k <= 64 reads it off a 64-wide blocked top-k, k <= cap
-    off a cap-wide one, larger k bisects (both exact)."""
+    The tier is picked at run time by the largest k in the batch: the k-th value is read off a blocked top-k of
+    width 64, 256 or cap (cost grows with the width); larger k bisects. All exact."""
     C, V = s.shape
-    caps = sorted({min(c, V) for c in (TOP_K_SMALL, cap)})
+    caps = sorted({min(c, V) for c in TOP_K_TIERS + (cap,) if c <= cap})
 
     def tier(kc, last):
         def fn(s):
@@ -368,7 +390,7 @@ def _dist(e):
     Vp = -(-V // LEAF) * LEAF
     if Vp != V:
         e = jnp.pad(e, ((0, 0), (0, Vp - V)))
-    leaf = jnp.sum(e.reshape(C, Vp // LEAF, LEAF), axis=2)
+    leaf = lax.optimization_barrier(jnp.sum(e.reshape(C, Vp // LEAF, LEAF), axis=2))  # (see _argmax)
     NL = leaf.shape[1]
     NLp = -(-NL // LEAF) * LEAF
     if NLp != NL:
@@ -468,14 +490,17 @@ def _sample_rows(x, st: SamplingTensors, nmax: int, cap: int) -> SampleResult:
     tok = lax.cond(jnp.any(sampled), lambda a: _sample_random(a, lmax, bm, greedy_tok, st, cap),
                    lambda a: greedy_tok, l)
 
-    # raw logit of the sampled token
-    def first_match(ids, valid):
+    # raw logit of the sampled token: l[tok], unless a penalty or the ban changed it (every match of tok in
+    # x_hist / x_ban holds the same original value, so a max picks it)
+    def original(ids, vals, valid):
         hit = (ids == tok[:, None]) & valid
-        return jnp.any(hit, axis=1), jnp.argmax(hit, axis=1)
+        return jnp.any(hit, axis=1), jnp.max(jnp.where(hit, vals, _NEG_INF), axis=1)
 
-    in_hist, jh = first_match(st.history, (st.history >= 0) & pen_on[:, None])
-    in_ban, jb = first_match(st.banned, st.banned >= 0)
-    raw = jnp.where(in_hist, _take(x_hist, jh), jnp.where(in_ban, _take(x_ban, jb), _take(l, tok)))
+    raw = _take(l, tok)
+    in_ban, ban_val = original(st.banned, x_ban, st.banned >= 0)
+    raw = jnp.where(in_ban, ban_val, raw)
+    raw = lax.cond(jnp.any(pen_on), lambda r: jnp.where(*original(st.history, x_hist, pen_on[:, None]), r),
+                   lambda r: r, raw)
     logprob = jnp.where(want_lp, raw - lse, 0.0)
     return SampleResult(tok, logprob, top_ids, top_lp)
 
