@@ -20,7 +20,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(args) -> dict:
     kw = {}
-    for name in ("max_model_len", "max_num_seqs", "page_size", "kv_cache_bytes"):
+    for name in ("max_model_len", "page_size", "kv_cache_bytes"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -39,7 +39,7 @@ def cmd_generate(args) -> int:
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or None)
     # Small step ladder: a one-prompt command should start fast.
-    llm = _make_llm(args, max_num_seqs=args.max_num_seqs or 1)
+    llm = _make_llm(args, max_num_seqs=args.max_num_seqs or 1, max_prefill_seqs=1)
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -68,7 +68,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from jaxserve.sampling_params import SamplingParams
 
-    llm = _make_llm(args, max_num_seqs=1)
+    llm = _make_llm(args, max_num_seqs=1, max_prefill_seqs=1)
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     history = []
     print("jaxserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         pl = sub.add_parser("plan", help="capacity planner: KV bytes per token, max batch on a device")
         planner.add_plan_arguments(pl)
         pl.set_defaults(fn=planner.run_plan)
-    except ImportError:
+    except (ImportError, AttributeError):
         pass
 
     args = parser.parse_args(argv)
