@@ -56,6 +56,7 @@ class FakeRunner:
 
 def make_engine(**kw):
     base = dict(page_size=4, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, max_prefill_seqs=4,
+                min_prefill_tokens=8,
                 num_pages=40)
     base.update(kw)
     ecfg = EngineConfig(**base)
