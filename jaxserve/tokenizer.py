@@ -54,7 +54,8 @@ def _gemma(messages, add_generation_prompt, bos_token, eos_token) -> str:
 
 
 def _llama3(messages, add_generation_prompt, bos_token, eos_token) -> str:
-    out = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{_text(m.get('content'), strip=True)}<|eot_id|>" for m in messages]
+    out = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{_text(m.get('content'), strip=True)}<|eot_id|>"
+           for m in messages]
     if add_generation_prompt:
         out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
     return "".join(out)
@@ -329,7 +330,9 @@ def make_random_model_tokenizer(vocab_size: int, *, bos_id: Optional[int], eos_i
     low_names = [specials.get(i, f"<unused_low{i}>") for i in range(n_low)]
     n_train = min(vocab_size - (len(specials) - len(low)), _MAX_TRAINED_VOCAB)
     if n_train < n_low + 256:
-        raise InvalidConfigError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer (needs >= {n_low + 256})")
+        raise InvalidConfigError(
+            f"vocab_size {vocab_size} is too small for a byte-level tokenizer (needs >= {n_low + 256})"
+        )
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

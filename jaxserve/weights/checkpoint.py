@@ -114,14 +114,18 @@ def load_converted_params(path: str, config: Optional[ModelConfig] = None) -> di
     path = os.path.abspath(os.fspath(path))
     params_dir = os.path.join(path, PARAMS_DIR)
     if not is_converted(path):
-        raise CheckpointError(f"{path}: not a complete converted checkpoint (missing {MARKER_FILE}, {CONFIG_FILE} or {PARAMS_DIR}/)")
+        raise CheckpointError(
+            f"{path}: not a complete converted checkpoint (missing {MARKER_FILE}, {CONFIG_FILE} or {PARAMS_DIR}/)"
+        )
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax logs every restore at WARNING/INFO
     try:
         params = _checkpointer().restore(params_dir)
     except Exception as e:  # orbax/tensorstore raise assorted types (ValueError, FileNotFoundError, XlaRuntimeError)
-        raise CheckpointError(f"{params_dir}: cannot restore params, the checkpoint is corrupt or incomplete ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{params_dir}: cannot restore params, the checkpoint is corrupt or incomplete ({type(e).__name__}: {e})"
+        ) from None
     finally:
         absl_log.setLevel(level)
     params = _to_numpy(params)

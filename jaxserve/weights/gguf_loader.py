@@ -27,7 +27,7 @@ import re
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # Rows per dequantization chunk are chosen so one chunk is about this many output elements (float32).
 _CHUNK_ELEMENTS = 1 << 22
 _THREADS = 2
+
+# Fields that define a model's shape (used to match presets and sanity-check metadata).
+_SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim")
 
 # GGUF architecture -> the ModelConfig family. Mistral files use the "llama" architecture.
 _SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
@@ -226,7 +230,8 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "gguf-model"
 
 
-def config_from_metadata(path: str, meta: dict, tensor_shapes: dict, rope_freqs: Optional[np.ndarray] = None) -> ModelConfig:
+def config_from_metadata(path: str, meta: dict, tensor_shapes: dict,
+                         rope_freqs: Optional[np.ndarray] = None) -> ModelConfig:
     """Build a ModelConfig from GGUF metadata (`<arch>.*` and `tokenizer.ggml.*` keys) and tensor shapes.
 
     `tensor_shapes` maps GGUF tensor names to numpy-order shapes ([out, in] for matrices).
@@ -288,7 +293,7 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict, rope_freqs:
         tie_word_embeddings="output.weight" not in tensor_shapes,
         pad_token_id=int(tok("padding_token_id") or 0),
     )
-    sizes = {k: common[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")}
+    sizes = {k: common[k] for k in _SHAPE_FIELDS[1:]}
     if min(sizes.values()) <= 0 or common["num_heads"] % common["num_kv_heads"]:
         raise CheckpointError(f"{path}: impossible model sizes in the GGUF metadata {sizes} (corrupt file?)")
     general_name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
@@ -296,7 +301,8 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict, rope_freqs:
 
     if arch == "gemma3":
         d = _GEMMA3_DEFAULTS
-        eos_ids = tuple(dict.fromkeys([*eos, *d["eos_token_ids"]]))  # GGUF says <eos>; Gemma also stops at <end_of_turn>
+        # The GGUF names <eos> only; Gemma also stops at <end_of_turn>.
+        eos_ids = tuple(dict.fromkeys([*eos, *d["eos_token_ids"]]))
         # llama.cpp: the 27B model scales queries by (hidden / heads) ** -0.5, every other size by head_dim.
         qpas = hidden // n_heads if common["num_layers"] == 62 else head_dim
         softcap = get("final_logit_softcapping")
@@ -339,16 +345,17 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict, rope_freqs:
     return _match_preset(cfg)
 
 
-_SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
 def _match_preset(cfg: ModelConfig) -> ModelConfig:
     for preset in PRESETS.values():
         if all(getattr(preset, f) == getattr(cfg, f) for f in _SHAPE_FIELDS):
-            diff = {k: (v, getattr(preset, k)) for k, v in cfg.to_dict().items() if k != "name" and getattr(preset, k) != v}
+            diff = {k: (v, getattr(preset, k)) for k, v in cfg.to_dict().items()
+                    if k != "name" and getattr(preset, k) != v}
             if not diff:
                 return preset
-            log.warning("GGUF has the shape of preset %s but differs in %s; keeping the file's values", preset.name, diff)
+            log.warning("GGUF has the shape of preset %s but differs in %s; keeping the file's values",
+                        preset.name, diff)
     return cfg
 
 
@@ -415,7 +422,8 @@ def _load(path: str, reader) -> tuple:
                 f"{path}: truncated GGUF file: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes} "
                 f"but the file has {file_size}"
             )
-        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) and t.tensor_type not in _type_traits:
+        plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+        if t.tensor_type not in plain and t.tensor_type not in _type_traits:
             raise CheckpointError(f"{path}: tensor {t.name} has unsupported ggml type {t.tensor_type.name}")
     meta = read_metadata(reader)
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
@@ -475,46 +483,46 @@ def _load(path: str, reader) -> tuple:
             tensor(pattern.format(i), shape)
 
     params: dict = {"layers": {}}
-    # Work items: (tensor, r0, r1, write(rows_array, r0, r1)). Each writes into a preallocated output.
+    # Work items: (tensor, first row, end row, output view, transpose?, heads to un-permute or None).
+    # GGUF rows are output features; each item writes its rows into a slice of a preallocated output.
     jobs: list = []
 
-    def add_matrix_or_vector(t, write: Callable, chunk: bool = True):
-        ranges = _row_chunks(t) if chunk else [(0, int(np.prod(t.data.shape[:-1])))]
-        for r0, r1 in ranges:
-            jobs.append((t, r0, r1, write))
+    def add(t, out, transpose: bool, unpermute_heads: Optional[int] = None):
+        """Queue tensor `t` for `out` ([rows, in] as stored, or [in, rows] with `transpose`)."""
+        if unpermute_heads is not None:  # whole tensor at once: the permutation mixes rows within a head
+            jobs.append((t, 0, int(np.prod(t.data.shape[:-1])), out, transpose, unpermute_heads))
+            return
+        for r0, r1 in _row_chunks(t):
+            jobs.append((t, r0, r1, out, transpose, None))
 
-    embed = params["embed"] = np.empty((V, D), np.float32)
-    add_matrix_or_vector(tensor("token_embd.weight", (V, D)), lambda x, a, b: embed.__setitem__(slice(a, b), x))
-    final_norm = params["final_norm"] = np.empty((D,), np.float32)
-    add_matrix_or_vector(tensor("output_norm.weight", (D,)), lambda x, a, b: final_norm.__setitem__(slice(None), x.reshape(-1)))
+    params["embed"] = np.empty((V, D), np.float32)
+    add(tensor("token_embd.weight", (V, D)), params["embed"], transpose=False)
+    params["final_norm"] = np.empty((D,), np.float32)
+    add(tensor("output_norm.weight", (D,)), params["final_norm"][None], transpose=False)
     if not cfg.tie_word_embeddings:
-        lm_head = params["lm_head"] = np.empty((D, V), np.float32)
-        add_matrix_or_vector(tensor("output.weight", (V, D)), lambda x, a, b: lm_head.__setitem__((slice(None), slice(a, b)), x.T))
+        params["lm_head"] = np.empty((D, V), np.float32)
+        add(tensor("output.weight", (V, D)), params["lm_head"], transpose=True)
 
     for key, (pattern, shape) in layer_spec.items():
         is_matrix = len(shape) == 2
-        out_shape = (L, shape[1], shape[0]) if is_matrix else (L, shape[0])
-        dest = params["layers"][key] = np.empty(out_shape, np.float32)
-        n_heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads, "bq": cfg.num_heads, "bk": cfg.num_kv_heads}.get(key)
-        unpermute = permute_qk and n_heads is not None
+        dest = params["layers"][key] = np.empty((L, shape[1], shape[0]) if is_matrix else (L, shape[0]), np.float32)
+        heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads, "bq": cfg.num_heads, "bk": cfg.num_kv_heads}.get(key)
         for i in range(L):
-            t = tensor(pattern.format(i), shape)
-            if unpermute:  # whole tensor at once: the permutation mixes rows within a head
-                def write(x, a, b, dest=dest, i=i, n=n_heads, m=is_matrix):
-                    x = _unpermute_rows(x if m else x.reshape(-1), n)
-                    dest[i] = x.T if m else x
-                add_matrix_or_vector(t, write, chunk=False)
-            elif is_matrix:
-                add_matrix_or_vector(t, lambda x, a, b, dest=dest, i=i: dest[i, :, a:b].__setitem__(Ellipsis, x.T))
-            else:
-                add_matrix_or_vector(t, lambda x, a, b, dest=dest, i=i: dest[i].__setitem__(Ellipsis, x.reshape(-1)))
+            # vectors are dequantized as one row [1, n]: write them into a [1, n] view
+            add(tensor(pattern.format(i), shape), dest[i] if is_matrix else dest[i][None], transpose=is_matrix,
+                unpermute_heads=heads if permute_qk else None)
 
     def run(job):
-        t, r0, r1, write = job
+        t, r0, r1, out, transpose, heads = job
         x = _dequant_rows(t, r0, r1)
         if not np.isfinite(x).all():  # a flipped scale byte shows up as inf/nan
             raise CheckpointError(f"{path}: tensor {t.name} holds non-finite values (corrupt data)")
-        write(x, r0, r1)
+        if heads is not None:
+            x = _unpermute_rows(x if transpose else x.reshape(-1), heads).reshape(x.shape)
+        if transpose:
+            out[..., r0:r1] = x.T
+        else:
+            out[r0:r1] = x
 
     # Biggest first (in bytes read), so the two threads finish together.
     jobs.sort(key=lambda j: -(j[2] - j[1]) * j[0].data.shape[-1])

@@ -248,6 +248,17 @@ def embedded_gguf_path(name: str = DEFAULT_MODEL) -> str:
         raise CheckpointError(f"cannot assemble the embedded GGUF: {e}") from None
 
 
+def _marker_stamp(out: str):
+    """Identity of a converted directory's completion marker (None if there is none)."""
+    from jaxserve.weights.checkpoint import MARKER_FILE
+
+    try:
+        st = os.stat(os.path.join(out, MARKER_FILE))
+        return (st.st_ino, st.st_mtime_ns)
+    except OSError:
+        return None
+
+
 def _convert_embedded(name: str, out: str) -> ResolvedModel:
     """Dequantize the embedded GGUF, build its tokenizer (in parallel), save both to `out` atomically."""
     from jaxserve.tokenizer import Tokenizer
@@ -255,6 +266,7 @@ def _convert_embedded(name: str, out: str) -> ResolvedModel:
     from jaxserve.weights.gguf_loader import load_gguf
 
     t0 = time.perf_counter()
+    stamp_before = _marker_stamp(out)  # an existing (corrupt) cache we are replacing
     gguf_path = embedded_gguf_path(name)
     preset = PRESETS[EMBEDDED[name][1]]
     ids = _tok_ids(tokenizer_defaults(preset))
@@ -284,7 +296,7 @@ def _convert_embedded(name: str, out: str) -> ResolvedModel:
     try:
         save_converted(tmp, config, params, tok, source=gguf_path)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        if is_converted(out):  # another process finished first: keep its copy
+        if is_converted(out) and _marker_stamp(out) != stamp_before:  # another process finished first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             shutil.rmtree(out, ignore_errors=True)  # an incomplete or corrupt earlier attempt

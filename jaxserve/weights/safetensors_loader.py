@@ -132,7 +132,8 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
     except InvalidConfigError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: incomplete config ({type(e).__name__}: {e})") from None
+        cfg_file = os.path.join(path, "config.json")
+        raise CheckpointError(f"{cfg_file}: incomplete config ({type(e).__name__}: {e})") from None
     gemma = cfg.arch == "gemma3"
     layer_map = _LAYER_GEMMA3 if gemma else _LAYER_LLAMA
 
@@ -148,10 +149,11 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
         name, is_matrix = layer_map[hf_suffix]
         if name not in layers:  # e.g. a bias the config says is absent
             return
-        want = layers[name].shape[1:]
+        want = layers[name].shape[1:]  # [in, out] for matrices
+        hf_want = want[::-1] if is_matrix else want
+        if x.shape != hf_want:
+            raise CheckpointError(f"{file}: {key} has shape {x.shape}, config.json implies {hf_want}")
         x = x.T if is_matrix else x
-        if x.shape != want:
-            raise CheckpointError(f"{file}: {key} has shape {x.shape[::-1] if is_matrix else x.shape}, config.json implies {want[::-1] if is_matrix else want}")
         layers[name][i] = x
         filled[name][i] = True
 
@@ -182,7 +184,8 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
 
     for k, done in filled.items():
         if not done.all():
-            raise CheckpointError(f"{path}: missing weights for layers/{k} in layers {np.flatnonzero(~done).tolist()[:8]}")
+            missing = np.flatnonzero(~done).tolist()[:8]
+            raise CheckpointError(f"{path}: missing weights for layers/{k} in layers {missing}")
     for k in ("embed", "final_norm") + (() if cfg.tie_word_embeddings else ("lm_head",)):
         if k not in params:
             raise CheckpointError(f"{path}: missing {k} weights")
