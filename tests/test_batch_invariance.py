@@ -25,12 +25,14 @@ def _workload(vocab, n=64, seed=0):
         body = [int(t) for t in r.integers(3, vocab, plen)]
         prompts.append(shared + body if i % 3 == 0 else body)
         sps.append(SamplingParams(temperature=0, max_tokens=int(np.clip(r.lognormal(2.3, 0.7), 1, 60)),
-                                  ignore_eos=True))
+                                  ignore_eos=True, logprobs=1))
     return prompts, sps
 
 
 def _tokens(llm, prompts, sps):
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, sps, use_tqdm=False)]
+    """Token ids and their float32 logprobs: random tiny models have wide logit margins, so tokens alone
+    would rarely reveal a rounding difference; the logprobs must be bit-identical too."""
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, sps, use_tqdm=False)]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_outputs_identical_across_batching_modes(llm_factory, model, workload):
     prompts, sps = workload
     base = llm_factory(model, num_pages=1024, **KW)
     ref = _tokens(base, prompts, sps)
-    assert [len(t) for t in ref] == [sp.max_tokens for sp in sps]
+    assert [len(t) for t, _ in ref] == [sp.max_tokens for sp in sps]
 
     variants = {
         "static": llm_factory(model, num_pages=1024, scheduler="static", **KW),
@@ -75,3 +77,4 @@ def test_outputs_identical_across_batching_modes(llm_factory, model, workload):
     # Submitting one at a time (every step a batch of one) must also agree.
     solo = [_tokens(base, [p], [sp])[0] for p, sp in list(zip(prompts, sps))[:6]]
     assert solo == ref[:6]
+

@@ -653,6 +653,8 @@ def fresh_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
+# orbax/tensorstore leave "Event loop is closed" callbacks behind after the deliberately failed restore below
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_real_embedded_convert_then_warm_load(fresh_cache, real_loaded):
     """First resolve converts into $JAXSERVE_CACHE/converted/...; the second restores it, equal arrays."""
     from jaxserve.weights.resolve import converted_cache_dir, resolve_model

@@ -40,8 +40,10 @@ class StepInputs(NamedTuple):
 # rows), and the three give slightly different per-row results. Running every matmul on 2..32-row tiles makes
 # a token's result independent of how many tokens share its step (batch invariance; tests/test_batch_invariance).
 ROW_TILE = 32
-# Query tokens per attention dot, so that (tokens x query heads per KV head) stays in one regime too.
+# Query tokens per attention dot, so that (tokens x query heads per KV head) stays in one regime too, and
+# rows per attention chunk (batched dots also change summation order with the batch size).
 ATTN_M = 16
+ATTN_ROWS = 4
 
 
 def attn_query_tile(cfg: ModelConfig) -> int:
@@ -68,10 +70,31 @@ def dense(x, w, invariant: bool = False):
     return y.reshape(*lead, w.shape[-1])
 
 
-def rms_norm(x, w, eps):
-    """RMSNorm with `w` the effective multiplier (Gemma's 1 + w is folded in at load time)."""
+def fixed_order_sum(x):
+    """Sum over the last axis as a fixed pairwise tree of elementwise adds, keepdims.
+
+    XLA:CPU hands a reduce to a YNNPACK kernel once its operand reaches ~4096 elements and otherwise emits a
+    loop (split into windows of 32); the two sum in different orders, so a plain `jnp.sum` over a row gives
+    results that depend on how many rows share the op. Elementwise adds are exact whoever runs them.
+    """
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        h = n // 2
+        y = x[..., :h] + x[..., h:2 * h]
+        x = jnp.concatenate([y, x[..., 2 * h:]], axis=-1) if n % 2 else y
+    return x
+
+
+def rms_norm(x, w, eps, invariant: bool = False):
+    """RMSNorm with `w` the effective multiplier (Gemma's 1 + w is folded in at load time).
+
+    With `invariant`, the mean of squares uses `fixed_order_sum` (batch invariance, see ROW_TILE)."""
     xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if invariant:
+        ms = fixed_order_sum(xf * xf) / xf.shape[-1]
+    else:
+        ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(ms + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -133,7 +156,7 @@ def embed_tokens(cfg: ModelConfig, params, tokens):
 
 def lm_head(cfg: ModelConfig, params, x, inv: bool = False):
     """Final norm + vocabulary projection, logits in float32."""
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, inv)
     if "lm_head" in params:
         logits = dense(x, params["lm_head"], inv)
     else:
@@ -155,8 +178,8 @@ def qkv(cfg: ModelConfig, lp, h, positions, inv_freq, inv: bool = False):
     k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, inv)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, inv)
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
@@ -169,6 +192,31 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
                         block_pages, batch_invariant: bool = False):
     """q [R, Q, Hq, hd] against the pages of each row; k/v_cache [L, slots, Hkv, hd] (all layers).
 
+    With `batch_invariant`, rows go through in chunks of ATTN_ROWS (XLA:CPU's batched dots sum in an order
+    that depends on the batch size) and queries in tiles of `attn_query_tile(cfg)` tokens.
+    """
+    if not batch_invariant:
+        return _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window,
+                                page_size=page_size, block_pages=block_pages, q_tile=q.shape[1], invariant=False)
+    R = q.shape[0]
+    pad = -R % ATTN_ROWS
+    rows = (q, block_tables, kv_lens, q_pos)
+    if pad:  # padding rows have no keys (kv_len 0) and no valid queries
+        rows = tuple(jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], -1 if a is q_pos else 0, a.dtype)])
+                     for a in rows)
+    chunks = tuple(a.reshape((-1, ATTN_ROWS) + a.shape[1:]) for a in rows)
+    q_tile = min(q.shape[1], attn_query_tile(cfg))
+    out = jax.lax.map(lambda c: _paged_attention(cfg, c[0], k_cache, v_cache, layer, c[1], c[2], c[3], window,
+                                                 page_size=page_size, block_pages=block_pages, q_tile=q_tile,
+                                                 invariant=True),
+                      chunks)
+    return out.reshape((-1,) + q.shape[1:])[:R]
+
+
+def _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
+                     block_pages, q_tile, invariant):
+    """The attention loop proper (see paged_attention_xla).
+
     The loop visits only blocks that hold visible keys: from the first block inside the sliding window of
     the batch's earliest query to the block holding the longest context (blocks that are fully masked for a
     row are exact no-ops for it). Reading the cache with a gather indexed by (layer, slot) avoids
@@ -179,7 +227,7 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
     Hkv = cfg.num_kv_heads
     G = Hq // Hkv
     B = block_pages * page_size
-    qt = min(Q, attn_query_tile(cfg)) if batch_invariant else Q
+    qt = q_tile
     T = Q // qt
     qg = (q.astype(jnp.float32) * cfg.attn_scale).reshape(R, T, qt, Hkv, G, hd)
     qp = q_pos.reshape(R, T, qt)
@@ -199,7 +247,7 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-        l = l * corr + jnp.sum(p, axis=-1)
+        l = l * corr + (fixed_order_sum(p)[..., 0] if invariant else jnp.sum(p, axis=-1))
         acc = acc * corr[..., None] + jnp.einsum("rqkgb,rbkd->rqkgd", p, vb)
         return m_new, l, acc
 
@@ -251,7 +299,7 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
     def layer_fn(carry, xs):
         x, kc, vc = carry
         lp, window, freq, layer = xs
-        h = rms_norm(x, lp["attn_norm"], eps)
+        h = rms_norm(x, lp["attn_norm"], eps, inv)
         q, k, v = qkv(cfg, lp, h, inp.positions, freq, inv)
         kc = kc.at[layer, flat_slots].set(k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(kc.dtype))
         vc = vc.at[layer, flat_slots].set(v.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(vc.dtype))
@@ -259,12 +307,12 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
                          page_size=page_size, block_pages=block_pages, batch_invariant=inv)
         o = dense(o.reshape(R, Q, cfg.q_size), lp["wo"], inv)
         if cfg.post_norms:
-            o = rms_norm(o, lp["post_attn_norm"], eps)
+            o = rms_norm(o, lp["post_attn_norm"], eps, inv)
         x = x + o
-        h = rms_norm(x, lp["mlp_norm"], eps)
+        h = rms_norm(x, lp["mlp_norm"], eps, inv)
         m = mlp(cfg, lp, h, inv)
         if cfg.post_norms:
-            m = rms_norm(m, lp["post_mlp_norm"], eps)
+            m = rms_norm(m, lp["post_mlp_norm"], eps, inv)
         return (x + m, kc, vc), None
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
