@@ -8,6 +8,12 @@ import os
 
 import pytest
 
+if os.environ.get("CI") and "JAXSERVE_CACHE" not in os.environ:
+    # CI starts from an empty converted-checkpoint and compilation cache of its own: a cache shared with
+    # other processes on the machine was once seen torn (an XLA abort while reading an entry).
+    import tempfile
+
+    os.environ["JAXSERVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-ci-cache-")
 os.environ.setdefault("JAXSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxserve"))
 
 _ENGINES: dict = {}
