@@ -130,7 +130,7 @@ def test_hit_after_completed_identical_prompt():
     assert bm.ensure_capacity(2, len(prompt))
     s = bm.stats()
     assert s["prefix_query_tokens"] == 26 and s["prefix_hit_tokens"] == 12
-    assert s["prefix_hit_rate"] == pytest.approx(12 / 26)
+    assert s["prefix_hit_rate"] == s["hit_rate"] == pytest.approx(12 / 26)
     bm.check_invariants()
 
 
@@ -143,9 +143,7 @@ def test_cap_keeps_last_prompt_token_uncomputed():
     assert bm.allocate_prompt(3, prompt + [5]) == 12
     assert bm.allocate_prompt(4, prompt[:4]) == 0  # single full page prompt: nothing may be cached
     assert bm.allocate_prompt(5, prompt[:1]) == 0
-    for sid in (2, 3, 4, 5):
-        c = bm.stats()
-        assert sid in bm
+    assert all(sid in bm for sid in (2, 3, 4, 5))
     bm.check_invariants()
 
 
@@ -305,6 +303,41 @@ def test_duplicate_hash_keeps_existing_mapping_and_chain_continues():
     bm.check_invariants()
 
 
+def test_lookup_stops_at_first_miss_even_if_later_pages_are_cached():
+    """Page i evicted while page i+1 (registered by a duplicate-holding sequence) stays cached: a prompt
+    must not hit page i+1, its table would be misaligned."""
+    bm = BlockManager(7, PS)  # 6 usable
+    prompt = list(range(8)) + [50]
+    for sid in (1, 2):
+        assert bm.allocate_prompt(sid, prompt) == 0
+        assert bm.ensure_capacity(sid, 9)
+    bm.commit_computed(1, prompt, 9)  # seq 1 owns pages 0-1 of the chain
+    toks2 = prompt + [51, 52, 53, 54]
+    bm.commit_computed(2, toks2, 12)  # seq 2: duplicates for pages 0-1, registers page 2
+    bm.free(1)
+    bm.allocate_prompt(3, [9])
+    assert bm.ensure_capacity(3, 3 * PS) and bm.stats()["evictions"] == 2  # seq 1's pages evicted
+    assert bm.is_cached(bm.block_table(2)[2])
+    assert bm.allocate_prompt(4, toks2 + [0]) == 0
+    assert bm.block_table(4) == []
+    bm.check_invariants()
+
+
+def test_commit_hashes_only_new_pages():
+    """Per-token commits during a long decode hash each full page once (O(new pages), not O(all pages))."""
+    bm = BlockManager(600, 4)
+    calls = []
+    chain = bm._chain
+    bm._chain = lambda parent, toks: calls.append(1) or chain(parent, toks)
+    toks = [1, 2, 3]
+    bm.allocate_prompt(1, toks)
+    for t in range(2000):
+        toks.append(t)
+        assert bm.ensure_capacity(1, len(toks))
+        bm.commit_computed(1, toks, len(toks) - 1)
+    assert len(calls) == (len(toks) - 1) // 4
+
+
 def test_incremental_commit_matches_one_shot_hashing():
     bm = BlockManager(32, PS)
     toks = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]
@@ -380,7 +413,7 @@ def test_reset_prefix_cache():
 def test_stats_keys():
     s = BlockManager(8, PS).stats()
     for k in ("num_pages", "free", "evictable", "used", "prefix_query_tokens", "prefix_hit_tokens",
-              "prefix_hit_rate"):
+              "prefix_hit_rate", "hit_rate", "evictions", "cached_pages"):
         assert k in s
     assert s["prefix_hit_rate"] == 0.0 and s["free"] + s["evictable"] + s["used"] == 7
 

@@ -332,6 +332,7 @@ class BlockManager:
             "prefix_query_tokens": q,
             "prefix_hit_tokens": h,
             "prefix_hit_rate": (h / q) if q else 0.0,
+            "hit_rate": (h / q) if q else 0.0,  # alias (engine metrics read this name)
             "evictions": self._num_evictions,
         }
 
