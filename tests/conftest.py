@@ -14,6 +14,9 @@ if os.environ.get("CI") and "JAXSERVE_CACHE" not in os.environ:
     import tempfile
 
     os.environ["JAXSERVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-ci-cache-")
+# The test session shares compiled engines in memory (below), so it needs no persistent compilation cache;
+# tests/test_persistent_cache.py checks that cache in subprocesses of its own.
+os.environ.setdefault("JAXSERVE_XLA_CACHE", "0")
 os.environ.setdefault("JAXSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxserve"))
 
 _ENGINES: dict = {}

@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 import jax
+from jax._src import config as jax_config  # thread-local override of the cache threshold
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,15 +53,32 @@ def compile_count() -> int:
     return _compile_count
 
 
-def enable_persistent_cache(path: Optional[str] = None) -> str:
-    """Point JAX's persistent compilation cache at ~/.cache/jaxserve/xla (or $JAXSERVE_CACHE/xla)."""
+def persistent_cache_enabled() -> bool:
+    """`JAXSERVE_XLA_CACHE=0` turns the persistent compilation cache off (the test suite does)."""
+    return os.environ.get("JAXSERVE_XLA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
+    """Point JAX's persistent compilation cache at ~/.cache/jaxserve/xla (or $JAXSERVE_CACHE/xla).
+
+    Only the directory is set globally; the engine's own programs are written to it whatever their compile
+    time (`compile_all` lowers the threshold for its own compiles only), while other jitted code in the
+    process keeps JAX's default threshold. Serializing some small CPU executables was seen to crash XLA
+    (jaxlib 0.10.2) in a process that had compiled many programs, so nothing else is written eagerly.
+    Returns the directory, or None when disabled.
+    """
+    if not persistent_cache_enabled():
+        return None
     root = os.environ.get("JAXSERVE_CACHE", os.path.expanduser("~/.cache/jaxserve"))
     path = path or os.path.join(root, "xla")
     os.makedirs(path, exist_ok=True)
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        # JAX decides once per process whether the cache is in use (at its first compile); start over so a
+        # process that compiled something before building an engine still gets the cache.
+        from jax.experimental.compilation_cache import compilation_cache as _cc
+
+        _cc.reset_cache()
     return path
 
 
@@ -121,7 +139,9 @@ class ModelRunner:
 
         def build(bucket):
             inp, st = self._abstract_inputs(*bucket)
-            return bucket, fn.lower(p_abs, kv_abs, inp, st).compile()
+            # Every engine program goes to the persistent cache (when enabled), however fast it compiled.
+            with jax_config.persistent_cache_min_compile_time_secs(0.0):
+                return bucket, fn.lower(p_abs, kv_abs, inp, st).compile()
 
         todo = [b for b in self.buckets() if b not in self._programs]
         workers = max(1, min(self.cfg.compile_workers, len(todo)))
