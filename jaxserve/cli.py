@@ -135,14 +135,11 @@ def main(argv=None) -> int:
     cv.add_argument("--random-weights", action="store_true")
     cv.set_defaults(fn=cmd_convert)
 
-    try:
-        from jaxserve import planner
+    from jaxserve import planner
 
-        pl = sub.add_parser("plan", help="capacity planner: KV bytes per token, max batch on a device")
-        planner.add_plan_arguments(pl)
-        pl.set_defaults(fn=planner.run_plan)
-    except (ImportError, AttributeError):
-        pass
+    pl = sub.add_parser("plan", help="capacity planner: KV bytes per token, max batch on a device")
+    planner.add_plan_arguments(pl)
+    pl.set_defaults(fn=planner.run_plan)
 
     args = parser.parse_args(argv)
     from jaxserve.errors import JaxserveError

@@ -1,14 +1,28 @@
-"""Capacity planner: weight bytes, KV bytes per token and per sequence, and the maximum concurrent sequences
-of a model on a device. The engine sizes its own page budget with this same code.
+"""Capacity planner: how much of a device a model's weights take, how many bytes of KV cache a token and a
+sequence need, how many sequences fit at once, and the memory-bandwidth roofline of a decode step.
 
     jaxserve plan --model llama2-7b --device a100-80gb --dtype float16 --context 4096
+    python -m jaxserve.planner --model llama3-8b --device tpu-v5e --num-devices 4 --json
 
-Memory model (per device, tensor-parallel over `num_devices` splits weights and KV evenly):
-    usable   = device memory - reserve_fraction x device memory   (activations, fragmentation, runtime)
-    kv_budget = usable - weights
-    max concurrent sequences = floor(kv_budget / (kv_bytes_per_token x context))
-KV bytes per token come from `ModelConfig.kv_bytes_per_token` (2 x n_kv_heads x head_dim x bytes x layers),
-the one formula in the code base.
+Memory model, per device (tensor parallelism over `num_devices` splits weights evenly and KV by KV head):
+
+    reserve    = reserve_fraction x device memory          (activations, fragmentation, runtime)
+    kv_budget  = device memory - reserve - weights / num_devices          (floor 0)
+    max concurrent sequences = kv_budget // (KV bytes per token per device x context)
+
+KV bytes per token come from `ModelConfig.kv_bytes_per_token` (2 x KV heads x head_dim x bytes x layers,
+plus the int8 scales), the one formula of the code base: it is never re-derived here. A device's share is the
+same formula applied to the model with that device's KV heads (`ceil(KV heads / num_devices)`: when there
+are more devices than KV heads, heads are replicated, so the per-device KV stops shrinking).
+
+Every layer keeps every token's K/V (the paged cache is `[L, pages x page_size, Hkv, hd]`, see
+docs/architecture.md), sliding-window layers included, so the formula is exact for this engine's cache.
+
+Decode roofline: a decode step reads every weight once plus the KV of every sequence in the batch, so its
+lower bound is (weights / num_devices + batch x KV per sequence per device) / peak memory bandwidth, with each
+sequence's KV at full `context` (an upper bound for sliding-window models, whose local layers read less).
+
+Host-side only: JAX is imported lazily, and only by `detect_device`.
 """
 
 from __future__ import annotations
@@ -18,206 +32,460 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from jaxserve.config import DTYPE_BYTES, ModelConfig, load_model_config
-from jaxserve.errors import InvalidConfigError
+from jaxserve.errors import InvalidConfigError, JaxserveError
 
-GiB = 1 << 30
-GB = 10**9
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30  # binary gigabyte (gibibyte), 1,073,741,824 B
+GB = 10**9  # decimal gigabyte, 1,000,000,000 B
 
-
-def _host_memory_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+# ---------------------------------------------------------------------------------------------------- devices
 
 
 @dataclass(frozen=True)
 class Device:
-    name: str
-    memory_bytes: int
-    bandwidth_bytes_per_s: float  # peak memory bandwidth
+    key: str  # the name the CLI takes
+    name: str  # human name
+    memory_bytes: int  # memory of ONE device (HBM, or host RAM for `cpu`)
+    bandwidth_bytes_per_s: float  # peak memory bandwidth of one device
+    memory_note: str = ""
 
 
-# HBM sizes as published: TPUs in GiB; NVIDIA's "40 GB / 80 GB" parts are 40 / 80 GiB of HBM
-# (nvidia-smi reports 40,960 / 81,920 MiB); the H200 is 141 GB (decimal, as NVIDIA specifies it).
-DEVICES = {
-    "tpu-v4": Device("TPU v4", 32 * GiB, 1200e9),
-    "tpu-v5e": Device("TPU v5e", 16 * GiB, 819e9),
-    "tpu-v5p": Device("TPU v5p", 95 * GiB, 2765e9),
-    "tpu-v6e": Device("TPU v6e", 32 * GiB, 1640e9),
-    "a100-40gb": Device("A100 40GB", 40 * GiB, 1555e9),
-    "a100-80gb": Device("A100 80GB", 80 * GiB, 2039e9),
-    "h100": Device("H100 SXM 80GB", 80 * GiB, 3350e9),
-    "h200": Device("H200 141GB", 141 * GB, 4800e9),
-    "cpu": Device("CPU (this machine)", _host_memory_bytes(), 26e9),  # numpy copy bandwidth measured here
+# Measured on this project's reference machine (streaming numpy copy); pass another figure to `cpu_device`,
+# `plan(..., bandwidth_bytes_per_s=)` or `--bandwidth-gbps` for a different host.
+CPU_BANDWIDTH_BYTES_PER_S = 26e9
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical RAM (total, not currently free): psutil, else sysconf."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # psutil missing or unusable (some containers)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def cpu_device(bandwidth_bytes_per_s: float = CPU_BANDWIDTH_BYTES_PER_S) -> Device:
+    """The host as a device: its total RAM, and a memory bandwidth you can override (default: measured here)."""
+    return Device("cpu", "CPU (this host)", host_memory_bytes(), float(bandwidth_bytes_per_s),
+                  "total host RAM (psutil.virtual_memory().total)")
+
+
+# Memory: binary units for every accelerator, because that is what the HBM stacks hold.
+#  - Google publishes TPU HBM per chip in GiB: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
+#  - NVIDIA writes "GB", but its HBM parts hold that many GiB: nvidia-smi reports an A100-SXM4-80GB as
+#    81,920 MiB = 80 GiB (85.9e9 B, not 80e9). H100 80GB HBM3 reports 81,559 MiB (79.6 GiB) and H200 143,771 MiB
+#    (140.4 GiB) to programs: the published 80 / 141 "GB" are within 0.5% of GiB and 7% above decimal GB; the
+#    10% reserve absorbs the difference. So 40 GB -> 40 GiB, 80 GB -> 80 GiB, 141 GB -> 141 GiB below.
+# Bandwidth: published peak, decimal (1 GB/s = 1e9 B/s).
+DEVICES: dict = {
+    d.key: d
+    for d in [
+        Device("tpu-v4", "TPU v4", 32 * GiB, 1200e9, "32 GiB HBM2"),
+        Device("tpu-v5e", "TPU v5e", 16 * GiB, 819e9, "16 GiB HBM2"),
+        Device("tpu-v5p", "TPU v5p", 95 * GiB, 2765e9, "95 GiB HBM2e"),
+        Device("tpu-v6e", "TPU v6e", 32 * GiB, 1640e9, "32 GiB HBM"),
+        Device("a100-40gb", "A100 40GB", 40 * GiB, 1555e9, "40 GiB HBM2 (published as 40 GB)"),
+        Device("a100-80gb", "A100 SXM 80GB", 80 * GiB, 2039e9, "80 GiB HBM2e (published as 80 GB)"),
+        Device("h100", "H100 SXM 80GB", 80 * GiB, 3350e9, "80 GiB HBM3 (published as 80 GB)"),
+        Device("h200", "H200 141GB", 141 * GiB, 4800e9, "141 GiB HBM3e (published as 141 GB)"),
+        cpu_device(),
+    ]
 }
-ALIASES = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e", "a100": "a100-80gb",
-           "a100-40": "a100-40gb", "a100-80": "a100-80gb", "h100-80gb": "h100", "h200-141gb": "h200"}
 
-# int4 weights: 0.5 byte per value plus one float32 scale per group of 128 values along the input dim.
-INT4_GROUP = 128
-# The CPU engine's default KV budget: large enough for dozens of long sequences of Gemma 3 270M
-# (2 GiB / 36 KiB per f32 token = 58k tokens), small enough to leave the machine usable.
-CPU_DEFAULT_KV_BUDGET = 2 * GiB
+_ALIASES = {
+    "v4": "tpu-v4", "tpuv4": "tpu-v4",
+    "v5e": "tpu-v5e", "tpuv5e": "tpu-v5e", "v5lite": "tpu-v5e", "tpu-v5-lite": "tpu-v5e", "v5litepod": "tpu-v5e",
+    "v5p": "tpu-v5p", "tpuv5p": "tpu-v5p",
+    "v6e": "tpu-v6e", "tpuv6e": "tpu-v6e", "v6lite": "tpu-v6e", "tpu-v6-lite": "tpu-v6e", "trillium": "tpu-v6e",
+    "a100-40": "a100-40gb", "a100-40g": "a100-40gb",
+    "a100": "a100-80gb", "a100-80": "a100-80gb", "a100-80g": "a100-80gb",
+    "h100-80gb": "h100", "h100-sxm": "h100", "h100-80g": "h100",
+    "h200-141gb": "h200", "h200-141g": "h200",
+    "host": "cpu",
+}
 
 
-def get_device(name: str) -> Device:
-    key = name.lower()
-    key = ALIASES.get(key, key)
+def device_names() -> list:
+    return list(DEVICES)
+
+
+def get_device(name: str, bandwidth_bytes_per_s: Optional[float] = None) -> Device:
+    """Look a device up by key or alias, case-insensitively (`A100-80GB`, `a100_80gb`, `TPU v5e` all work)."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    key = _ALIASES.get(key, _ALIASES.get(key.replace("-", ""), key))
     if key not in DEVICES:
         raise InvalidConfigError(f"unknown device {name!r}; known devices: {', '.join(DEVICES)}")
-    return DEVICES[key]
+    dev = DEVICES[key]
+    if bandwidth_bytes_per_s is not None:
+        if bandwidth_bytes_per_s <= 0:
+            raise InvalidConfigError(f"bandwidth must be positive, got {bandwidth_bytes_per_s}")
+        dev = Device(dev.key, dev.name, dev.memory_bytes, float(bandwidth_bytes_per_s), dev.memory_note)
+    return dev
 
 
-def weight_bytes(model: ModelConfig, dtype: str) -> float:
-    n = model.num_params()
-    if dtype == "int4":
-        return n * 0.5 + (n / INT4_GROUP) * 4
+def device_key_from_kind(platform: str, device_kind: str) -> Optional[str]:
+    """Map a JAX device (`platform`, `device_kind`) to a DEVICES key, or None if the table lacks it.
+
+    JAX names TPU v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite"; NVIDIA kinds are the marketing names
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200").
+    """
+    platform, kind = platform.lower(), device_kind.lower()
+    if platform == "cpu":
+        return "cpu"
+    if platform == "tpu" or kind.startswith("tpu"):
+        k = kind.replace(" ", "")
+        if "v4" in k:
+            return "tpu-v4"
+        if "v5lite" in k or "v5e" in k:
+            return "tpu-v5e"
+        if "v5" in k:  # "TPU v5", "TPU v5p"
+            return "tpu-v5p"
+        if "v6" in k:
+            return "tpu-v6e"
+        return None
+    if "a100" in kind:
+        return "a100-40gb" if "40gb" in kind.replace(" ", "") else "a100-80gb"
+    if "h100" in kind:
+        return "h100"
+    if "h200" in kind:
+        return "h200"
+    return None
+
+
+def detect_device() -> str:
+    """The DEVICES key of JAX's first device (imports JAX); "cpu" when the table has no such device."""
+    import jax
+
+    d = jax.devices()[0]
+    return device_key_from_kind(d.platform, getattr(d, "device_kind", "")) or "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------- dtypes
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")  # what ModelConfig.kv_bytes_per_token models exactly
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+                  "half": "float16", "i8": "int8", "i4": "int4"}
+
+# Quantized weights: every parameter is counted at the quantized width (embeddings and norms too: simple, and
+# slightly generous to the weights), plus float32 scales laid out as in pallas_kernels/reference.py:
+#  - int8: one f32 scale per output column of each [K, N] matrix (`quantize_int8`), i.e. 4 / K bytes per
+#    parameter; K is taken as hidden_size for every matrix -> 1 + 4 / hidden_size bytes per parameter
+#    (Llama 2 7B: 1 + 4/4096 = 1.00098 B).
+#  - int4: 0.5 byte per parameter plus one f32 scale per group of INT4_GROUP_SIZE rows (`quantize_int4`)
+#    -> 0.5 + 4/128 = 0.53125 bytes per parameter.
+INT4_GROUP_SIZE = 128
+SCALE_BYTES = 4  # float32
+
+
+def normalize_dtype(dtype: str, allowed=WEIGHT_DTYPES, what: str = "dtype") -> str:
+    d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if d not in allowed:
+        raise InvalidConfigError(f"unknown {what} {dtype!r}; one of {', '.join(allowed)}")
+    return d
+
+
+def weight_bytes_per_param(model: ModelConfig, dtype: str) -> float:
+    dtype = normalize_dtype(dtype)
     if dtype == "int8":
-        return n * 1 + (n / model.hidden_size) * 4  # one f32 scale per output channel (approx.)
-    return n * DTYPE_BYTES[dtype]
+        return 1 + SCALE_BYTES / model.hidden_size
+    if dtype == "int4":
+        return 0.5 + SCALE_BYTES / INT4_GROUP_SIZE
+    return DTYPE_BYTES[dtype]
+
+
+def weight_bytes(model: ModelConfig, dtype: str) -> int:
+    """Bytes of all weights of `model` stored as `dtype` (see the int8/int4 note above)."""
+    return math.ceil(model.num_params() * weight_bytes_per_param(model, dtype))
+
+
+def kv_bytes_per_token_per_device(model: ModelConfig, kv_dtype: str, num_devices: int = 1) -> int:
+    """One device's share of a token's KV: the ModelConfig formula on that device's ceil(Hkv / n) KV heads."""
+    heads = math.ceil(model.num_kv_heads / num_devices)
+    return model.replace(num_kv_heads=heads).kv_bytes_per_token(kv_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
 
 
 @dataclass
 class Plan:
+    """Capacity of a model on `num_devices` x one device type.
+
+    Whole-model figures: num_params, weight_bytes, kv_bytes_per_token, kv_bytes_per_sequence.
+    Per-device figures: *_per_device, device_bytes, reserve_bytes, kv_budget_bytes.
+    Group figures: max_concurrent_sequences and max_tokens_in_cache (the whole tensor-parallel group serves
+    them together). Bytes are integers; roofline times in seconds (None when no sequence fits).
+    """
+
     model: str
-    device: str
+    device: str  # DEVICES key
+    device_name: str
     num_devices: int
-    dtype: str
+    dtype: str  # weights
     kv_dtype: str
-    context: int
-    weight_bytes: float  # per device
-    kv_bytes_per_token: float  # per device
-    kv_bytes_per_sequence: float
+    context: int  # tokens per sequence
+    num_params: int
+    weight_bytes: int
+    weight_bytes_per_device: int
+    kv_bytes_per_token: int  # ModelConfig.kv_bytes_per_token(kv_dtype)
+    kv_bytes_per_token_per_device: int
+    kv_bytes_per_sequence: int  # kv_bytes_per_token x context
+    kv_bytes_per_sequence_per_device: int
     device_bytes: int
-    reserve_bytes: float
-    kv_budget_bytes: float
-    max_concurrent_sequences: int
-    max_tokens_in_cache: int
-    decode_step_seconds_batch1: float
-    decode_step_seconds_max_batch: float
-    fits: bool
-    message: str = ""
+    reserve_fraction: float
+    reserve_bytes: int
+    kv_budget_bytes: int  # device - reserve - weights per device, floor 0
+    max_concurrent_sequences: int  # kv_budget // kv_bytes_per_sequence_per_device
+    max_tokens_in_cache: int  # kv_budget // kv_bytes_per_token_per_device
+    bandwidth_bytes_per_s: float
+    decode_roofline_step_seconds_batch1: float
+    decode_roofline_step_seconds_max_batch: Optional[float]
+    decode_roofline_tokens_per_second_max_batch: Optional[float]
+    weights_fit: bool  # weights per device <= device - reserve
+    fits: bool  # weights and at least one full-context sequence fit
+    min_devices_for_weights: Optional[int]  # smallest num_devices whose weights fit (None: > 4096)
+    min_devices: Optional[int]  # smallest num_devices holding weights + one full-context sequence
+    message: str = ""  # empty when everything fits; otherwise what to change
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+_MAX_DEVICES_SEARCH = 4096
+
+
 def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Optional[str] = None,
-         context: Optional[int] = None, num_devices: int = 1, reserve_fraction: float = 0.1) -> Plan:
-    """Capacity of `model` on `num_devices` x `device` (weights and KV split evenly across them)."""
-    dev = get_device(device)
-    kv_dtype = kv_dtype or (dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16")
-    if dtype not in DTYPE_BYTES:
-        raise InvalidConfigError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPE_BYTES)}")
-    if kv_dtype not in ("float32", "bfloat16", "float16", "int8"):
-        raise InvalidConfigError(f"unknown kv dtype {kv_dtype!r}")
-    if num_devices < 1:
-        raise InvalidConfigError("num_devices must be >= 1")
-    context = context or model.max_position_embeddings
-    w = weight_bytes(model, dtype) / num_devices
-    kv_tok = model.kv_bytes_per_token(kv_dtype) / num_devices
-    kv_seq = kv_tok * context
-    reserve = reserve_fraction * dev.memory_bytes
-    budget = max(0.0, dev.memory_bytes - reserve - w)
-    max_seqs = int(budget // kv_seq) if kv_seq else 0
-    fits = dev.memory_bytes - reserve >= w
-    msg = ""
-    if not fits:
-        need = math.ceil(weight_bytes(model, dtype) / (dev.memory_bytes - reserve))
-        msg = (f"weights ({w / GiB:.1f} GiB per device) do not fit {dev.name} ({dev.memory_bytes / GiB:.0f} GiB "
-               f"less a {reserve_fraction:.0%} reserve); use at least {need} devices (--num-devices) or int8/int4")
-    elif max_seqs == 0:
-        msg = f"weights fit, but not one {context}-token sequence of KV cache; shorten --context or add devices"
+         context: Optional[int] = None, num_devices: int = 1, reserve_fraction: float = 0.1,
+         weight_bytes_override: Optional[int] = None, bandwidth_bytes_per_s: Optional[float] = None) -> Plan:
+    """Capacity of `model` on `num_devices` x `device`.
+
+    dtype: weight dtype (float32, bfloat16, float16, int8, int4). kv_dtype: KV cache dtype (float32, bfloat16,
+    float16, int8), default the weight dtype (int4 weights -> int8 KV, the narrowest KV the formula covers).
+    context: tokens per sequence (default the model's max_position_embeddings). reserve_fraction: share of each
+    device's memory kept for activations and fragmentation. weight_bytes_override: total weight bytes to use
+    instead of num_params x dtype (e.g. a checkpoint's size). bandwidth_bytes_per_s: overrides the device's.
+    """
+    dev = get_device(device, bandwidth_bytes_per_s)
+    dtype = normalize_dtype(dtype)
+    if kv_dtype is None:
+        kv_dtype = "int8" if dtype == "int4" else dtype
+    kv_dtype = normalize_dtype(kv_dtype, KV_DTYPES, "KV dtype")
+    if context is None:
+        context = model.max_position_embeddings
+    if int(context) != context or context < 1:
+        raise InvalidConfigError(f"context must be a positive number of tokens, got {context!r}")
+    context = int(context)
+    if int(num_devices) != num_devices or num_devices < 1:
+        raise InvalidConfigError(f"num_devices must be a positive integer, got {num_devices!r}")
+    num_devices = int(num_devices)
+    if not 0 <= reserve_fraction < 1:
+        raise InvalidConfigError(f"reserve_fraction must be in [0, 1), got {reserve_fraction}")
+    if weight_bytes_override is not None and weight_bytes_override < 0:
+        raise InvalidConfigError(f"weight_bytes_override must be >= 0, got {weight_bytes_override}")
+
+    w_total = int(weight_bytes_override) if weight_bytes_override is not None else weight_bytes(model, dtype)
+    kv_tok = int(model.kv_bytes_per_token(kv_dtype))
+    reserve = int(reserve_fraction * dev.memory_bytes)
+    usable = dev.memory_bytes - reserve  # per device, for weights + KV
+
+    def shares(n: int):
+        w = -(-w_total // n)  # ceil, in integers
+        kv_seq = kv_bytes_per_token_per_device(model, kv_dtype, n) * context
+        return w, kv_seq
+
+    w_dev = -(-w_total // num_devices)
+    kv_tok_dev = int(kv_bytes_per_token_per_device(model, kv_dtype, num_devices))
+    kv_seq_dev = kv_tok_dev * context
+    budget = max(0, usable - w_dev)
+    max_seqs = budget // kv_seq_dev
+    max_tokens = budget // kv_tok_dev
+    weights_fit = w_dev <= usable
+    fits = max_seqs >= 1
+
+    min_w = next((n for n in range(1, _MAX_DEVICES_SEARCH + 1) if shares(n)[0] <= usable), None)
+    min_all = next((n for n in range(min_w or _MAX_DEVICES_SEARCH + 1, _MAX_DEVICES_SEARCH + 1)
+                    if sum(shares(n)) <= usable), None)
+
     bw = dev.bandwidth_bytes_per_s
-    return Plan(model=model.name, device=dev.name, num_devices=num_devices, dtype=dtype, kv_dtype=kv_dtype,
-                context=context, weight_bytes=w, kv_bytes_per_token=kv_tok, kv_bytes_per_sequence=kv_seq,
-                device_bytes=dev.memory_bytes, reserve_bytes=reserve, kv_budget_bytes=budget,
-                max_concurrent_sequences=max_seqs, max_tokens_in_cache=int(budget // kv_tok) if kv_tok else 0,
-                decode_step_seconds_batch1=(w + kv_seq) / bw,
-                decode_step_seconds_max_batch=(w + kv_seq * max(max_seqs, 1)) / bw, fits=fits, message=msg)
+    step1 = (w_dev + kv_seq_dev) / bw
+    step_max = (w_dev + max_seqs * kv_seq_dev) / bw if max_seqs else None
+    tps_max = max_seqs / step_max if step_max else None
+
+    notes = []
+    usable_on = (f"{_gib(usable)} usable on one {dev.name} ({_gib(dev.memory_bytes)} less the "
+                 f"{reserve_fraction:.0%} reserve)")
+    if min_all is not None and min_all != num_devices and not fits:
+        then = plan(model, dev.key, dtype, kv_dtype, context, min_all, reserve_fraction, weight_bytes_override,
+                    bandwidth_bytes_per_s)
+        k = then.max_concurrent_sequences
+        with_min = (f" With --num-devices {min_all}: {k:,} concurrent {context:,}-token "
+                    f"sequence{'' if k == 1 else 's'}.")
+    else:
+        with_min = ""
+    if not weights_fit:
+        need = (f"at least {min_w} devices (--num-devices {min_w})" if min_w
+                else f"more than {_MAX_DEVICES_SEARCH:,} devices")
+        seq = f" ({min_all} to also hold one {context:,}-token sequence)" if min_all and min_all != min_w else ""
+        notes.append(f"weights do not fit: {_gib(w_dev)} per device > {usable_on}. Needs {need}{seq}, or a "
+                     f"narrower --dtype (int8, int4).{with_min}")
+    elif not fits:
+        notes.append(f"weights fit ({_gib(w_dev)} per device) but leave {_gib(budget)}, less than one "
+                     f"{context:,}-token sequence of KV cache ({_gib(kv_seq_dev)} per device). Shorten --context, "
+                     f"use --kv-dtype int8, or add devices.{with_min}")
+    if context > model.max_position_embeddings:
+        notes.append(f"note: context {context:,} exceeds the model's {model.max_position_embeddings:,} tokens.")
+    if num_devices > model.num_kv_heads:
+        notes.append(f"note: {num_devices} devices > {model.num_kv_heads} KV heads: KV heads are replicated, "
+                     f"each device keeps {kv_tok_dev:,} B per token.")
+
+    return Plan(
+        model=model.name, device=dev.key, device_name=dev.name, num_devices=num_devices, dtype=dtype,
+        kv_dtype=kv_dtype, context=context, num_params=model.num_params(), weight_bytes=w_total,
+        weight_bytes_per_device=w_dev, kv_bytes_per_token=kv_tok, kv_bytes_per_token_per_device=kv_tok_dev,
+        kv_bytes_per_sequence=kv_tok * context, kv_bytes_per_sequence_per_device=kv_seq_dev,
+        device_bytes=dev.memory_bytes, reserve_fraction=reserve_fraction, reserve_bytes=reserve,
+        kv_budget_bytes=budget, max_concurrent_sequences=max_seqs, max_tokens_in_cache=max_tokens,
+        bandwidth_bytes_per_s=bw, decode_roofline_step_seconds_batch1=step1,
+        decode_roofline_step_seconds_max_batch=step_max, decode_roofline_tokens_per_second_max_batch=tps_max,
+        weights_fit=weights_fit, fits=fits, min_devices_for_weights=min_w, min_devices=min_all,
+        message="\n".join(notes),
+    )
 
 
-def _fmt_bytes(b: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+# ---------------------------------------------------------------------------------------------------- engine
+
+# The engine's KV budget on CPU when the user sets none: min(this, what plan() leaves after weights and
+# reserve). 2 GiB holds 58,254 float32 tokens of Gemma 3 270M (36,864 B each) = 56 full 1,024-token
+# sequences, and keeps the cache small next to the rest of the host's work.
+CPU_DEFAULT_KV_BUDGET_BYTES = 2 * GiB
+
+
+def kv_pages_for_budget(model: ModelConfig, engine_cfg, budget_bytes: int) -> int:
+    """Total KV pages (null page 0 included) whose cache fits in `budget_bytes`; at least 2 (one usable).
+
+    A page holds `page_size` tokens of `ModelConfig.kv_bytes_per_token(engine_cfg.kv_cache_dtype)` each.
+    """
+    per_page = int(model.kv_bytes_per_token(engine_cfg.kv_cache_dtype)) * engine_cfg.page_size
+    return max(2, int(budget_bytes) // per_page)
+
+
+def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device: str = "cpu") -> int:
+    """KV cache bytes the engine uses when `EngineConfig.kv_cache_bytes` is None.
+
+    What `plan()` leaves on one `device` after the weights (engine dtype) and the 10% reserve, at the engine's
+    context (`engine_cfg.model_len`); on "cpu" also capped at CPU_DEFAULT_KV_BUDGET_BYTES. device="auto" asks
+    JAX which device this is (`detect_device`). May be 0 when the weights alone fill the device.
+    """
+    if device == "auto":
+        device = detect_device()
+    p = plan(model, device, dtype=engine_cfg.dtype, kv_dtype=engine_cfg.kv_cache_dtype,
+             context=engine_cfg.model_len(model))
+    if p.device == "cpu":
+        return min(CPU_DEFAULT_KV_BUDGET_BYTES, p.kv_budget_bytes)
+    return p.kv_budget_bytes
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:,.2f} GiB"
+
+
+def fmt_bytes(b: float) -> str:
+    """Binary units: GiB from 1 GiB, MiB from 1 MiB, KiB from 1 KiB."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if b >= size:
             return f"{b / size:,.2f} {unit}"
     return f"{b:,.0f} B"
 
 
+def _ms(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e3:,.2f} ms"
+
+
 def format_plan(p: Plan) -> str:
+    """Aligned two-column table; whole-model byte counts also in exact bytes / decimal GB."""
+    dev = f"{p.num_devices} x {p.device_name}" if p.num_devices > 1 else p.device_name
+    per_dev = " per device" if p.num_devices > 1 else ""
     rows = [
-        ("model", p.model), ("device", f"{p.device} x {p.num_devices}"),
-        ("weights dtype / KV dtype", f"{p.dtype} / {p.kv_dtype}"),
-        ("weight bytes (per device)", _fmt_bytes(p.weight_bytes)),
-        ("KV bytes per token", f"{_fmt_bytes(p.kv_bytes_per_token)} ({p.kv_bytes_per_token:,.0f} B)"),
-        (f"KV bytes per sequence ({p.context:,} tokens)", _fmt_bytes(p.kv_bytes_per_sequence)),
-        ("device memory", _fmt_bytes(p.device_bytes)),
-        ("reserve (activations, fragmentation)", _fmt_bytes(p.reserve_bytes)),
-        ("KV budget", _fmt_bytes(p.kv_budget_bytes)),
+        ("model", f"{p.model} ({p.num_params / 1e9:,.2f}B params)"),
+        ("device", f"{dev} ({fmt_bytes(p.device_bytes)}, {p.bandwidth_bytes_per_s / 1e9:,.0f} GB/s each)"),
+        ("dtype (weights / KV)", f"{p.dtype} / {p.kv_dtype}"),
+        ("weights", f"{fmt_bytes(p.weight_bytes)} ({p.weight_bytes / GB:,.2f} GB)"),
+    ]
+    if p.num_devices > 1:
+        rows.append(("weights per device", fmt_bytes(p.weight_bytes_per_device)))
+    rows += [
+        ("KV per token", f"{fmt_bytes(p.kv_bytes_per_token)} ({p.kv_bytes_per_token:,} B)"),
+    ]
+    if p.num_devices > 1:
+        rows.append(("KV per token per device",
+                     f"{fmt_bytes(p.kv_bytes_per_token_per_device)} ({p.kv_bytes_per_token_per_device:,} B)"))
+    rows += [
+        (f"KV per sequence ({p.context:,} tokens){per_dev}", fmt_bytes(p.kv_bytes_per_sequence_per_device)),
+        (f"reserve ({p.reserve_fraction:.0%}){per_dev}", fmt_bytes(p.reserve_bytes)),
+        (f"KV budget{per_dev}", fmt_bytes(p.kv_budget_bytes)),
         ("max concurrent sequences", f"{p.max_concurrent_sequences:,}"),
         ("max tokens in cache", f"{p.max_tokens_in_cache:,}"),
-        ("decode step roofline, batch 1", f"{p.decode_step_seconds_batch1 * 1e3:.2f} ms"),
-        ("decode step roofline, max batch", f"{p.decode_step_seconds_max_batch * 1e3:.2f} ms"),
+        ("decode step roofline, batch 1", _ms(p.decode_roofline_step_seconds_batch1)),
+        (f"decode step roofline, max batch ({p.max_concurrent_sequences:,})",
+         _ms(p.decode_roofline_step_seconds_max_batch)
+         + ("" if p.decode_roofline_tokens_per_second_max_batch is None
+            else f" ({p.decode_roofline_tokens_per_second_max_batch:,.0f} tokens/s)")),
+        ("fits", "yes" if p.fits else "no"),
     ]
     width = max(len(k) for k, _ in rows)
     out = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     return out + (f"\n\n{p.message}" if p.message else "")
 
 
-def kv_pages_for_budget(model: ModelConfig, engine_cfg, budget_bytes: float) -> int:
-    """Pages (including the null page) that `budget_bytes` of KV cache buys."""
-    per_page = model.kv_bytes_per_token(engine_cfg.kv_cache_dtype) * engine_cfg.page_size
-    return max(2, int(budget_bytes // per_page) + 1)
+# ---------------------------------------------------------------------------------------------------- CLI
 
 
-def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device: Optional[str] = None) -> int:
-    """KV budget when the user gives none: on CPU min(2 GiB, what the planner leaves); on an accelerator
-    what the planner leaves after the weights and the reserve."""
-    import jax
-
-    platform = jax.devices()[0].platform
-    if device is None and platform != "cpu":
-        kind = jax.devices()[0].device_kind.lower()
-        device = next((k for k in DEVICES if k.replace("tpu-", "") in kind.replace(" ", "")), None)
-    p = plan(model, device or "cpu", dtype=engine_cfg.dtype, kv_dtype=engine_cfg.kv_cache_dtype,
-             context=engine_cfg.model_len(model))
-    if (device or "cpu") == "cpu":
-        return int(min(CPU_DEFAULT_KV_BUDGET, p.kv_budget_bytes))
-    return int(p.kv_budget_bytes)
-
-
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name or path to a HF config.json")
-    p.add_argument("--device", required=True, help=f"one of {', '.join(DEVICES)}")
-    p.add_argument("--dtype", default="bfloat16", help="weight dtype: float32, bfloat16, float16, int8, int4")
-    p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the weight dtype; int8 allowed)")
-    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: model context)")
-    p.add_argument("--num-devices", type=int, default=1)
-    p.add_argument("--reserve", type=float, default=0.1, help="fraction of memory kept for activations etc.")
-    p.add_argument("--json", action="store_true")
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="preset name or path to a HF config.json")
+    parser.add_argument("--device", required=True, help=f"one of {', '.join(DEVICES)} (case-insensitive)")
+    parser.add_argument("--dtype", default="bfloat16", help=f"weight dtype: {', '.join(WEIGHT_DTYPES)}")
+    parser.add_argument("--kv-dtype", default=None, help=f"KV cache dtype: {', '.join(KV_DTYPES)} (default: --dtype)")
+    parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default: model context)")
+    parser.add_argument("--num-devices", type=int, default=1, help="tensor-parallel devices")
+    parser.add_argument("--reserve", type=float, default=0.1,
+                        help="fraction of device memory kept for activations and fragmentation (default 0.1)")
+    parser.add_argument("--weight-bytes", type=int, default=None, help="total weight bytes (overrides the estimate)")
+    parser.add_argument("--bandwidth-gbps", type=float, default=None,
+                        help="memory bandwidth in GB/s (overrides the device's; cpu default "
+                             f"{CPU_BANDWIDTH_BYTES_PER_S / 1e9:g})")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def run_plan(args) -> int:
+    """Print the plan; 0 on success, 2 (message on stderr, no traceback) on a bad model, device or option."""
     try:
         model = load_model_config(args.model)
         p = plan(model, args.device, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
-                 num_devices=args.num_devices, reserve_fraction=args.reserve)
-    except Exception as e:  # jaxserve errors and unreadable config files alike: a message, no traceback
-        print(f"jaxserve plan: error: {e}", file=sys.stderr)
+                 num_devices=args.num_devices, reserve_fraction=args.reserve,
+                 weight_bytes_override=getattr(args, "weight_bytes", None),
+                 bandwidth_bytes_per_s=(None if getattr(args, "bandwidth_gbps", None) is None
+                                        else args.bandwidth_gbps * 1e9))
+    except (JaxserveError, OSError, ValueError, KeyError, TypeError) as e:
+        # KeyError/TypeError: a config.json missing fields; ValueError covers malformed JSON.
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        print(f"jaxserve plan: error: {what}", file=sys.stderr)
         return 2
-    print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p))
+    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="jaxserve plan", description=__doc__,
+    ap = argparse.ArgumentParser(prog="jaxserve plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(ap)
     return run_plan(ap.parse_args(argv))
