@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
-from jaxserve.errors import CompileWhileServingError
+from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache
 
 log = logging.getLogger("jaxserve")
@@ -85,6 +85,25 @@ def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
 compile_count()  # install the listener before anything compiles
 
 
+def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig):
+    """`EngineConfig.attention_impl` -> forward_step's attention_fn; None is the XLA path.
+
+    "xla": the XLA path. "auto": Pallas kernels on TPU / GPU, the XLA path on CPU. "pallas": the kernels of
+    pallas_kernels/ (on CPU, the TPU kernels in interpret mode: slow, for tests). See pallas_kernels/engine.py.
+    """
+    impl = engine_cfg.attention_impl
+    if impl not in ("auto", "xla", "pallas"):
+        raise InvalidConfigError(f"attention_impl must be auto, xla or pallas, got {impl!r}")
+    if impl == "xla" or (impl == "auto" and jax.default_backend() == "cpu"):
+        return None  # (without importing pallas_kernels)
+    from pallas_kernels.engine import engine_attention_fn
+
+    try:
+        return engine_attention_fn(impl, head_dim=model_cfg.head_dim, page_size=engine_cfg.page_size)
+    except ValueError as e:
+        raise InvalidConfigError(str(e)) from None
+
+
 # ------------------------------------------------------------------------------------------------
 # The runner
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +120,7 @@ class ModelRunner:
         self.H = engine_cfg.model_len(model_cfg)  # history width for penalties
         self.NB = 16  # banned ids per row (EOS/stop ids while min_tokens is unmet; checked at admission)
         self.max_logprobs = engine_cfg.max_logprobs
-        self.attention_fn = attention_fn
+        self.attention_fn = attention_fn if attention_fn is not None else attention_fn_for(model_cfg, engine_cfg)
         dtype = jnp.dtype(engine_cfg.dtype)
         t0 = time.monotonic()
         self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype if np.issubdtype(np.asarray(a).dtype, np.floating) else None), params)
@@ -116,7 +135,10 @@ class ModelRunner:
         logits, kv = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                   block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
                                   batch_invariant=self.cfg.batch_invariant)
-        return sample(logits, st, self.max_logprobs), kv
+        # Batch-invariant mode samples row by row: the sampler's [rows, vocab] reductions (log-softmax over a
+        # 262k vocabulary) are summed in an order that depends on the row count on XLA:CPU.
+        row_chunk = 1 if self.cfg.batch_invariant else None
+        return sample(logits, st, self.max_logprobs, row_chunk=row_chunk), kv
 
     def _abstract_inputs(self, R: int, Q: int):
         i32 = jnp.int32
