@@ -351,7 +351,9 @@ class EngineConfig:
     attn_block_pages: int = 16  # pages per attention block (the loop step over the KV cache)
     dtype: str = "float32"  # compute/weight dtype; float32 is fastest on XLA:CPU (see README)
     kv_cache_dtype: str = "float32"
-    attention_impl: str = "auto"  # "auto" | "xla" | "pallas"
+    # "auto" (Pallas kernels on TPU/GPU, the XLA path on CPU) | "xla" | "pallas" (on CPU: interpret mode, slow);
+    # see pallas_kernels/engine.py and ModelRunner's attention_fn_for.
+    attention_impl: str = "auto"
     # Bit-identical outputs whatever else shares a request's step (see models/transformer.py ROW_TILE);
     # on XLA:CPU it costs batch-1 decode speed (a 2-row GEMM replaces the matrix-vector kernel).
     batch_invariant: bool = False

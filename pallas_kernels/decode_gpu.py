@@ -102,7 +102,8 @@ def _decode_kernel(*refs, page_size, pages_per_block, num_splits, scale, softcap
         v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))     # slots outside the window / past kv_len
         s = C.dot_nt(q, k.astype(compute_dtype))                            # [Gp, bk]
         if quantized:
-            k_scale = plgpu.load(ks_ref.at[ids[:, None], tok[:, :, 0], h], mask=sc_mask, other=0).reshape(1, block_tokens)
+            k_scale = plgpu.load(ks_ref.at[ids[:, None], tok[:, :, 0], h], mask=sc_mask, other=0)
+            k_scale = k_scale.reshape(1, block_tokens)
             s = s * jnp.where(visible, k_scale, 0.0)
         s = C.logits_transform(s, scale=scale, softcap=softcap)
         s = jnp.where(visible, s, C.NEG_INF)
@@ -112,7 +113,8 @@ def _decode_kernel(*refs, page_size, pages_per_block, num_splits, scale, softcap
         alpha = jnp.exp(m - m_safe)
         l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
         if quantized:
-            v_scale = plgpu.load(vs_ref.at[ids[:, None], tok[:, :, 0], h], mask=sc_mask, other=0).reshape(1, block_tokens)
+            v_scale = plgpu.load(vs_ref.at[ids[:, None], tok[:, :, 0], h], mask=sc_mask, other=0)
+            v_scale = v_scale.reshape(1, block_tokens)
             p = p * jnp.where(visible, v_scale, 0.0)
         acc_new = alpha * acc + C.dot_nn(p.astype(compute_dtype), v.astype(compute_dtype))
         return m_new, l_new, acc_new
@@ -190,8 +192,9 @@ def _decode_call(q, k_pages, v_pages, block_tables, kv_lens, *, scale, window, s
             out_specs.append(full)
 
     kernel = functools.partial(
-        _decode_kernel, page_size=ps, pages_per_block=ppb, num_splits=splits, scale=float(scale), softcap=None if softcap is None else float(softcap), quantized=quantized, fused=fused,
-        compute_dtype=cdt, interpret=bool(interpret))
+        _decode_kernel, page_size=ps, pages_per_block=ppb, num_splits=splits, scale=float(scale),
+        softcap=None if softcap is None else float(softcap), quantized=quantized, fused=fused, compute_dtype=cdt,
+        interpret=bool(interpret))
     outs = pl.pallas_call(
         kernel, grid=(r, hkv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,

@@ -54,9 +54,18 @@ def _pow2(x):
     return x > 0 and (x & (x - 1)) == 0
 
 
+def _gpu_shape_ok(page_size, head_dim):
+    return _pow2(page_size) and _pow2(head_dim) and head_dim >= 16
+
+
 def _gpu_attention_ok(k_pages):
     _, ps, _, hd = k_pages.shape
-    return _pow2(ps) and _pow2(hd) and hd >= 16
+    return _gpu_shape_ok(ps, hd)
+
+
+def kernel_modules(family):
+    """(decode module, prefill module) of a kernel family ("tpu" | "gpu")."""
+    return (decode_tpu, prefill_tpu) if family == "tpu" else (decode_gpu, prefill_gpu)
 
 
 def _resolve(impl, platform, kernel, gpu_ok):

@@ -7,7 +7,9 @@ the visible KV blocks of segment r straight from the pages (`pages[page_ids, :, 
 from the window start of the first row to the position of the last row. Rows are read and written with masked
 gathers/scatters, so segments of any length and any offset share the flat [T, Hq, hd] arrays.
 
-Output rows that belong to no live segment (padding) are zero: the output aliases a zero buffer.
+Output rows that belong to no live segment (padding) are zero: the output aliases a zero buffer, which no
+program writes outside the live segments (tests pass `poison_output=True` to start it as NaN instead, so a live
+row that no program writes fails).
 
 Fused variant: program (r, h, i) first stores head h of the new K/V of segment r's tokens [0, (i+1)*block_q)
 into their slots (the earlier blocks' tokens are rewritten with identical values by several programs: a benign
@@ -144,7 +146,7 @@ def _prefill_kernel(*refs, block_q, group, page_size, pages_per_block, scale, so
 
 
 def _prefill_call(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, num_seqs, *, scale, window, softcap,
-                  k_scales, v_scales, new_kv, block_q, pages_per_block, num_warps, interpret):
+                  k_scales, v_scales, new_kv, block_q, pages_per_block, num_warps, interpret, poison_output=False):
     t, hq, hd = q.shape
     n, ps, hkv, _ = C.check_attention_shapes(hq, k_pages, v_pages, k_scales, v_scales)
     g = hq // hkv
@@ -177,7 +179,7 @@ def _prefill_call(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, num_seq
             inputs += [slots.astype(jnp.int32), k_new, v_new, k_new_s, v_new_s]
         else:
             inputs += [slots.astype(jnp.int32), k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype)]
-    inputs.append(jnp.zeros(q_in.shape, q.dtype))
+    inputs.append(jnp.full(q_in.shape, jnp.nan if poison_output else 0.0, q.dtype))
     aliases = {len(inputs) - 1: 0}
     out_shape = [jax.ShapeDtypeStruct(q_in.shape, q.dtype)]
     if fused:
@@ -201,30 +203,32 @@ def _prefill_call(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, num_seq
     return out, outs[1:]
 
 
-_STATIC = ("scale", "softcap", "block_q", "pages_per_block", "num_warps", "interpret")
+_STATIC = ("scale", "softcap", "block_q", "pages_per_block", "num_warps", "interpret", "poison_output")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def ragged_prefill_attention(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, num_seqs, *, scale, window=0,
                              softcap=None, k_scales=None, v_scales=None, block_q=None, pages_per_block=None,
-                             num_warps=4, interpret=False):
-    """See reference.ragged_prefill_attention."""
+                             num_warps=4, interpret=False, poison_output=False):
+    """See reference.ragged_prefill_attention. `poison_output`: rows outside the live segments are NaN instead
+    of zero (tests)."""
     out, _ = _prefill_call(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, num_seqs, scale=scale,
                            window=window, softcap=softcap, k_scales=k_scales, v_scales=v_scales, new_kv=None,
                            block_q=block_q, pages_per_block=pages_per_block, num_warps=num_warps,
-                           interpret=interpret)
+                           interpret=interpret, poison_output=poison_output)
     return out
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("k_pages", "v_pages", "k_scales", "v_scales"))
 def ragged_prefill_attention_fused(q, k_new, v_new, k_pages, v_pages, slots, block_tables, cu_q_lens, kv_lens,
                                    num_seqs, *, scale, window=0, softcap=None, k_scales=None, v_scales=None,
-                                   block_q=None, pages_per_block=None, num_warps=4, interpret=False):
+                                   block_q=None, pages_per_block=None, num_warps=4, interpret=False,
+                                   poison_output=False):
     """See reference.ragged_prefill_attention_fused. Returns (out, k_pages, v_pages[, k_scales, v_scales]).
 
     Note: only the live segments' tokens are written (padding tokens' null-page writes are skipped)."""
     out, pages = _prefill_call(q, k_pages, v_pages, block_tables, cu_q_lens, kv_lens, num_seqs, scale=scale,
                                window=window, softcap=softcap, k_scales=k_scales, v_scales=v_scales,
                                new_kv=(k_new, v_new, slots), block_q=block_q, pages_per_block=pages_per_block,
-                               num_warps=num_warps, interpret=interpret)
+                               num_warps=num_warps, interpret=interpret, poison_output=poison_output)
     return (out, *pages)

@@ -7,7 +7,8 @@ int8: the per-column scale commutes with the K-sum, so the tile goes int8 -> x.d
 multiplies the f32 accumulator once at the end.
 int4: packed byte row i holds weight rows i (low nibble) and K/2 + i (high nibble), so a packed tile of rows
 [a, b) multiplies activation columns [a, b) and [K/2 + a, K/2 + b): x is read through two BlockSpecs (on TPU,
-when K/2 is not a multiple of 128, x is first restacked as [2, M, K/2]). Each nibble tile is sign-extended, scaled per (group, column) and fed to the dot.
+when K/2 is not a multiple of 128, x is first restacked as [2, M, K/2]). Each nibble tile is sign-extended,
+scaled per (group, column) and fed to the dot.
 
 TPU (Mosaic): grid (M/tm, N/tn, K/tk), K innermost and "arbitrary", f32 accumulator in VMEM scratch.
 GPU (Triton): grid (M/tm, N/tn), the K loop runs inside the program (Triton programs cannot carry an
@@ -118,9 +119,9 @@ def quantized_matmul_tpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn
     w = _as_int8(w_q)
     scales = scales.astype(jnp.float32)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-    wbytes = w.size
     cost = pl.CostEstimate(flops=2 * m * n * kdim, transcendentals=0,
-                           bytes_accessed=wbytes * pl.cdiv(m, tm) + x.nbytes * pl.cdiv(n, tn) + m * n * x.dtype.itemsize)
+                           bytes_accessed=(w.size * pl.cdiv(m, tm) + x.nbytes * pl.cdiv(n, tn)
+                                           + m * n * x.dtype.itemsize))
     if bits == 8:
         tk = tk or _pick(kdim, (512, 256, 128))
         grid = (pl.cdiv(m, tm), pl.cdiv(n, tn), kdim // tk)

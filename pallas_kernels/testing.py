@@ -20,8 +20,12 @@ MATMUL_RTOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 
 def tpu_interpret():
     """TPU interpret mode: simulates HBM/VMEM, DMAs (executed on wait) and semaphores; every uninitialised
-    buffer (outputs, scratch, VMEM) starts as NaN, and out-of-bounds reads raise."""
+    buffer (outputs, scratch, VMEM) starts as NaN, and out-of-bounds reads raise.
+
+    Also resets the interpreter's global simulated-TPU state, which a kernel that raised leaves behind (JAX
+    documents that it must be reset before interpreting again); after a clean run it is already empty."""
     from jax.experimental.pallas import tpu as pltpu
+    pltpu.reset_tpu_interpret_mode_state()
     return pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 
 
@@ -36,6 +40,13 @@ def export(fn, platform, *args, **kwargs):
     exp = jax.export.export(jax.jit(functools.partial(fn, **kwargs)), platforms=(platform,),
                             disabled_checks=checks)(*args)
     return exp.mlir_module()
+
+
+def sweep_variant(g):
+    """The deterministic GQA sweeps' settings for ratio g (1-8), whatever hypothesis draws: KV heads, dtype,
+    soft-cap, int8 KV and fused write, so every kernel variant runs in the sweep and every ratio runs."""
+    return dict(hkv=2 if g in (2, 3) else 1, dtype=jnp.bfloat16 if g % 2 else jnp.float32,
+                softcap=4.0 if g % 3 == 0 else None, int8=g in (3, 4, 7, 8), fused=g in (5, 6, 7, 8))
 
 
 def np_quantize_kv_int8(x):

@@ -1,0 +1,145 @@
+"""The engine with attention_impl="pallas" (the TPU kernels in interpret mode on this CPU) against the XLA path.
+
+The whole engine on tiny random models: greedy tokens must be identical and logprobs close, over mixed-length
+prompts in multi-row prefill steps, prompts longer than one prefill chunk (chunked prefill: later chunks read
+earlier chunks' K/V from the pages), prefix-cache hits (context that was never computed in the step), and
+tiny-gemma3's 24-token sliding window on alternate layers (a traced per-layer window inside the layer scan).
+The engine attention adapter (pallas_kernels/engine.py) is also checked directly against the XLA attention.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve import SamplingParams
+from jaxserve.config import EngineConfig, get_preset
+from jaxserve.engine.runner import attention_fn_for
+from jaxserve.errors import InvalidConfigError
+from jaxserve.models.transformer import paged_attention_xla
+from pallas_kernels.engine import engine_attention_fn
+
+# A small ladder keeps the interpret-mode compiles short: decode R in {1, 2, 4}; prefill (1, 16), (2, 16),
+# (1, 32). Prompts over 32 tokens are prefilled in chunks.
+KW = dict(page_size=4, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, max_prefill_seqs=2,
+          min_prefill_tokens=16, num_pages=256, attn_block_pages=4)
+# Both paths compute attention in float32 (the kernels' dots at HIGHEST precision); they differ only in
+# summation order, ~1e-6 per attention output. Through the tiny models that is <~1e-5 on a logprob.
+LOGPROB_ATOL = 1e-4
+# Attention outputs of the adapter vs the XLA path (float32, values ~1).
+ATTN_ATOL = 2e-5
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_attention_impl_resolution():
+    cfg = get_preset("tiny-gemma3")
+    assert attention_fn_for(cfg, EngineConfig(attention_impl="xla")) is None
+    assert attention_fn_for(cfg, EngineConfig(attention_impl="auto")) is None        # CPU: the XLA path
+    fn = attention_fn_for(cfg, EngineConfig(attention_impl="pallas"))
+    assert callable(fn) and fn.kernel_family == "tpu" and fn.interpret is True        # interpreted on CPU
+    with pytest.raises(InvalidConfigError, match="attention_impl"):
+        attention_fn_for(cfg, EngineConfig(attention_impl="triton"))
+    with pytest.raises(InvalidConfigError, match="attention_impl"):
+        EngineConfig(attention_impl="Pallas").validate(cfg)
+    # On TPU / GPU "auto" picks the kernels; Triton shapes it cannot take fall back under "auto" only.
+    assert engine_attention_fn("auto", head_dim=256, page_size=16, platform="tpu").kernel_family == "tpu"
+    assert engine_attention_fn("auto", head_dim=128, page_size=16, platform="cuda").kernel_family == "gpu"
+    assert engine_attention_fn("auto", head_dim=48, page_size=16, platform="cuda") is None
+    with pytest.raises(ValueError, match="power-of-two"):
+        engine_attention_fn("pallas", head_dim=48, page_size=16, platform="cuda")
+
+
+def test_llm_rejects_bad_attention_impl():
+    from jaxserve import LLM
+    with pytest.raises(InvalidConfigError, match="attention_impl"):
+        LLM("tiny-llama", random_weights=True, attention_impl="mosaic", **KW)
+
+
+# --------------------------------------------------------------------------------------------- adapter
+def _attention_case(cfg, rng, q_lens, ctx_lens, Q, num_pages=40, page_size=4, P=8):
+    L, hkv, hd, hq = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    R = len(q_lens)
+    kc = jnp.asarray(rng.standard_normal((L, num_pages * page_size, hkv, hd)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((L, num_pages * page_size, hkv, hd)), jnp.float32)
+    tables = np.zeros((R, P), np.int32)
+    perm, o = rng.permutation(np.arange(1, num_pages)), 0
+    pos = np.full((R, Q), -1, np.int32)
+    for r in range(R):
+        need = -(-(ctx_lens[r] + q_lens[r]) // page_size)
+        tables[r, :need] = perm[o:o + need]
+        o += need
+        pos[r, :q_lens[r]] = ctx_lens[r] + np.arange(q_lens[r])
+    q = jnp.asarray(rng.standard_normal((R, Q, hq, hd)), jnp.float32)
+    kv_lens = jnp.asarray(np.asarray(ctx_lens) + np.asarray(q_lens), jnp.int32)
+    return q, kc, vc, jnp.asarray(tables), kv_lens, jnp.asarray(pos)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("Q,q_lens,ctx_lens", [
+    (8, [5, 0, 8, 1], [7, 0, 13, 0]),        # prefill rows: partial, padding row, full, one token; contexts
+    (1, [1, 1, 0, 1], [0, 17, 0, 30]),       # decode rows (kv_len 1, page crossings, padding row, full table)
+])
+def test_adapter_matches_xla_attention(Q, q_lens, ctx_lens, kernel):
+    """Layer selection by page-id offset, the [R, Q] <-> ragged packing, per-layer traced windows; the TPU
+    kernels and the Triton ones (both interpreted here)."""
+    cfg = get_preset("tiny-gemma3")
+    q, kc, vc, tables, kv_lens, pos = _attention_case(cfg, np.random.default_rng(Q), q_lens, ctx_lens, Q)
+    fn = engine_attention_fn("pallas", head_dim=cfg.head_dim, page_size=4, kernel=kernel)
+    assert fn.kernel_family == kernel
+
+    @jax.jit
+    def run(layer, window):
+        a = (cfg, q, kc, vc, layer, tables, kv_lens, pos, window)
+        return fn(*a, page_size=4, block_pages=4), paged_attention_xla(*a, page_size=4, block_pages=4)
+
+    for layer, window in [(0, 0), (2, 5), (3, 24), (1, 1)]:
+        got, want = run(jnp.int32(layer), jnp.int32(window))
+        assert got.shape == want.shape == q.shape
+        assert float(jnp.abs(got - want).max()) < ATTN_ATOL, (layer, window)
+        padding = np.asarray(pos) < 0
+        assert np.all(np.asarray(got)[padding] == 0.0)
+
+
+# --------------------------------------------------------------------------------------------- engine
+def _prompts(vocab, lengths, seed):
+    r = np.random.default_rng(seed)
+    return [[int(t) for t in r.integers(3, vocab, n)] for n in lengths]
+
+
+def _compare(a, b, max_new):
+    """Same greedy tokens; logprobs (sampled token and top-k) within LOGPROB_ATOL."""
+    worst = 0.0
+    for x, y in zip(a, b):
+        cx, cy = x.outputs[0], y.outputs[0]
+        assert len(cx.token_ids) == max_new
+        assert cx.token_ids == cy.token_ids
+        for lx, ly in zip(cx.logprobs, cy.logprobs):
+            assert lx.keys() == ly.keys()
+            worst = max(worst, max(abs(lx[t] - ly[t]) for t in lx))
+    assert worst < LOGPROB_ATOL, worst
+    print(f"max |logprob difference| pallas vs xla: {worst:.2e}")
+    return worst
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-llama"])
+def test_engine_pallas_matches_xla(llm_factory, model):
+    xla = llm_factory(model, attention_impl="xla", **KW)
+    pal = llm_factory(model, attention_impl="pallas", **KW)
+    assert xla.engine.runner.attention_fn is None and pal.engine.runner.attention_fn is not None
+    V = xla.model_config.vocab_size
+    max_new = 6
+    sp = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True, logprobs=2)
+    # Round 1: lengths 1 .. 70: page-size multiples and not, past the 24-token window, 40 and 70 > one
+    # 32-token chunk (chunked prefill), several prompts per prefill step.
+    first = _prompts(V, [1, 5, 8, 23, 40, 70], seed=11)
+    outs = [llm.generate(first, sp) for llm in (xla, pal)]
+    _compare(*outs, max_new)
+    # Round 2: prompts sharing a 36- or 64-token prefix with round 1's (full pages: prefix-cache hits), so the
+    # first prefill chunk already has context in the pages.
+    ext = _prompts(V, [9, 3], seed=12)
+    second = [first[4][:36] + ext[0], first[5][:64] + ext[1]]
+    outs = [llm.generate(second, sp) for llm in (xla, pal)]
+    for o in outs:
+        assert [r.metrics.num_cached_prompt_tokens >= 32 for r in o] == [True, True], \
+            [r.metrics.num_cached_prompt_tokens for r in o]
+    _compare(*outs, max_new)
