@@ -1,4 +1,4 @@
-"""`jaxserve generate|chat|convert|plan` (and more as they land)."""
+"""`jaxserve generate|chat|convert|plan|serve|batch` (and more as they land)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,77 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _add_serving_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine knobs for `serve` and `batch` (long-running: the whole ladder is worth compiling)."""
+    _add_engine_args(p)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per prefill step")
+    p.add_argument("--max-prefill-seqs", type=int, default=None, help="sequences per prefill step")
+    p.add_argument("--min-prefill-tokens", type=int, default=None, help="smallest prefill bucket (tokens)")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages (overrides --kv-cache-bytes)")
+    p.add_argument("--attn-block-pages", type=int, default=None, help="KV pages per attention block")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=None, help="engine seed (random weights, unseeded requests)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="bit-identical outputs whatever shares a step (slower batch-1 decode on CPU)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig field (value parsed as JSON when it can be); repeatable")
+
+
+def _serving_engine_kwargs(args) -> dict:
+    kw = _engine_kwargs(args)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "min_prefill_tokens", "num_pages",
+                 "attn_block_pages", "dtype", "seed"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    if args.batch_invariant:
+        kw["batch_invariant"] = True
+    if args.no_prefix_caching:
+        kw["enable_prefix_caching"] = False
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"jaxserve: error: --engine-arg wants KEY=VALUE, got {item!r}")
+        try:
+            kw[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            kw[key.strip().replace("-", "_")] = value
+    return kw
+
+
+def cmd_serve(args) -> int:
+    from jaxserve.llm import LLM
+    from jaxserve.server.app import run_server
+    from jaxserve.server.protocol import Limits
+
+    api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"jaxserve: warning: serving on {args.host} without an API key (--api-key or JAXSERVE_API_KEY)",
+              file=sys.stderr)
+    llm = LLM(args.model, random_weights=args.random_weights, **_serving_engine_kwargs(args))
+    names = args.served_model_name or list(dict.fromkeys([args.model, llm.model_config.name]))
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens_limit)
+    print(f"jaxserve: {names[0]} ready in {llm.startup_seconds:.1f} s; serving on http://{args.host}:{args.port}"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    run_server(llm, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level,
+               served_model_names=names, api_key=api_key, limits=limits, default_priority=args.default_priority,
+               max_pending=args.max_pending)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from jaxserve.batch import run_from_args
+    from jaxserve.llm import LLM
+
+    if not os.path.exists(args.input):
+        print(f"jaxserve: error: input file {args.input} does not exist", file=sys.stderr)
+        return 2
+    llm = LLM(args.model, random_weights=args.random_weights, **_serving_engine_kwargs(args))
+    return run_from_args(args, llm)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference on JAX/XLA")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -134,6 +205,31 @@ def main(argv=None) -> int:
     cv.add_argument("--out", required=True)
     cv.add_argument("--random-weights", action="store_true")
     cv.set_defaults(fn=cmd_convert)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_serving_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set JAXSERVE_API_KEY)")
+    sv.add_argument("--served-model-name", action="append", default=None,
+                    help="model name(s) clients use (default: --model and the model's own name)")
+    sv.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body (413 above)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: context - 1)")
+    sv.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: context)")
+    sv.add_argument("--max-pending", type=int, default=1024, help="generation requests in flight (429 above)")
+    sv.add_argument("--default-priority", default="interactive", choices=["interactive", "batch"],
+                    help="priority of requests without a 'priority' field or X-Priority header")
+    sv.add_argument("--drain-timeout", type=float, default=60.0,
+                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(fn=cmd_serve)
+
+    from jaxserve import batch as batch_mod
+
+    b = sub.add_parser("batch", help="offline batch job over an OpenAI batch-format JSONL file (resumable)")
+    _add_serving_engine_args(b)
+    batch_mod.add_arguments(b)
+    b.set_defaults(fn=cmd_batch)
 
     from jaxserve import planner
 

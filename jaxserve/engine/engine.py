@@ -146,6 +146,8 @@ class LLMEngine:
         for s in req.seqs:
             if not s.finished:
                 self._finish(s, "abort")
+        # No step reports an aborted request, so drop it here (a long-running server would leak it).
+        self.requests.pop(request_id, None)
         self.stats.requests_aborted += 1
         return True
 
