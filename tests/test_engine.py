@@ -83,3 +83,20 @@ def test_pages_freed_after_generation(tiny_llama):
     stats = llm.engine.bm.stats()
     assert stats["used"] == 0
     llm.engine.bm.check_invariants()
+
+
+def test_metrics_report_latency_percentiles(tiny_llama):
+    from jaxserve.engine.engine import _percentiles
+
+    assert _percentiles("x", []) == {"x_p50": None, "x_p99": None}
+    assert _percentiles("x", [3.0, 1.0, 2.0]) == {"x_p50": 2.0, "x_p99": 3.0}
+    assert _percentiles("x", list(range(1, 101))) == {"x_p50": 50, "x_p99": 99}
+    llm = tiny_llama
+    before = llm.engine.metrics()["requests_finished"]
+    llm.generate(_mixed_prompts(llm.model_config.vocab_size, [5, 30], seed=9),
+                 SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    m = llm.engine.metrics()
+    assert m["requests_finished"] == before + 2
+    assert m["num_running"] == 0 and m["kv_pages_used"] == 0
+    assert 0 < m["ttft_s_p50"] <= m["ttft_s_p99"]
+    assert 0 < m["tpot_s_p50"] <= m["tpot_s_p99"]

@@ -9,9 +9,11 @@ returns the requests whose output changed.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -24,6 +26,9 @@ from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, Requ
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxserve")
+
+
+RECENT_LATENCIES = 10_000
 
 
 @dataclass
@@ -40,8 +45,9 @@ class EngineStats:
     busy_seconds: float = 0.0
     kind_seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     kind_tokens: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # tokens computed
-    ttfts: list = field(default_factory=list)
-    tpots: list = field(default_factory=list)
+    # The most recent finished requests' latencies (bounded: a long-running server must not grow without end).
+    ttfts: deque = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
+    tpots: deque = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
 
 
 class _Request:
@@ -295,4 +301,18 @@ class LLMEngine:
             "generation_tokens_per_s": self.stats.generation_tokens / self.stats.busy_seconds if self.stats.busy_seconds else 0.0,
             "requests_finished": self.stats.requests_finished,
             "requests_aborted": self.stats.requests_aborted,
+            **_percentiles("ttft_s", self.stats.ttfts),
+            **_percentiles("tpot_s", self.stats.tpots),
         }
+
+
+def _percentiles(name: str, values) -> dict:
+    """p50/p99 over the recent finished requests (None before any finished)."""
+    vals = sorted(values)
+    if not vals:
+        return {f"{name}_p50": None, f"{name}_p99": None}
+
+    def q(p):  # nearest-rank percentile
+        return vals[min(len(vals), max(1, math.ceil(p / 100 * len(vals)))) - 1]
+
+    return {f"{name}_p50": q(50), f"{name}_p99": q(99)}
