@@ -25,6 +25,7 @@ class FakeRunner:
         self.ecfg = ecfg
         self.cache = np.full(num_pages * ecfg.page_size, -1, np.int64)
         self.steps = []
+        self.buckets = []
 
     def execute(self, kind, rows, bucket):
         R, Q = bucket
@@ -50,6 +51,7 @@ class FakeRunner:
             assert read == ids[:ctx], f"seq {seq.seq_id}: cache content differs from its tokens"
             toks.append((sum(ids[:ctx]) * 7 + ctx) % (CFG.vocab_size - 3) + 3)
         self.steps.append((kind, len(rows)))
+        self.buckets.append((kind, bucket))
         n = len(rows)
         return np.array(toks), np.zeros(n), np.zeros((n, 20), np.int64), np.zeros((n, 20))
 
@@ -233,3 +235,23 @@ class EngineMachine(RuleBasedStateMachine):
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_static_batch_holds_its_decode_bucket(mode):
+    """Static batching keeps the batch's width until its longest request ends; continuous shrinks (and refills)."""
+    eng, runner = make_engine(scheduler=mode)
+    r = np.random.default_rng(3)
+    lens = [2, 3, 20, 4, 5, 9]  # 6 requests in a batch of up to 8: decode bucket 8
+    for n in lens:
+        eng.add_request([int(t) for t in r.integers(3, 200, 6)], SamplingParams(max_tokens=n, ignore_eos=True),
+                        priority="batch")
+    done = drain(eng)
+    assert sorted(len(ro.outputs[0].token_ids) for ro in done.values()) == sorted(lens)
+    decode_rows = [b[0] for kind, b in runner.buckets if kind == "decode"]
+    live = [n for kind, n in runner.steps if kind == "decode"]
+    assert min(live) == 1  # the longest request ends alone
+    if mode == "static":
+        assert set(decode_rows) == {8}
+    else:
+        assert decode_rows[-1] == 1 and max(decode_rows) == 8

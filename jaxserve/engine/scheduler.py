@@ -8,6 +8,8 @@ KV page budget and `max_num_seqs`. When pages run out, the lowest-priority, newe
 (its pages freed, recomputed later from its prompt + output so far).
 
 `mode="static"` is the classic baseline: admit a batch only when nothing is running, run it to completion.
+Like a static-batching engine's fixed batch tensor (HF `generate`), the batch keeps its decode bucket until its
+last sequence finishes: finished rows are padding, their slots are not reused.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Scheduler:
         self.prefill_ladder = sorted(engine_cfg.prefill_buckets(), key=lambda rq: (rq[1], rq[0]))
         self.q_ladder = sorted({q for _, q in self.prefill_ladder})
         self.num_preemptions = 0
+        self._static_batch = 0  # static mode: sequences admitted into the current batch
+        self._static_open = True  # static mode: the current batch still admits (nothing decoded yet)
+        self._static_candidates: set = set()  # static mode: requests waiting when the batch opened
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -120,14 +125,26 @@ class Scheduler:
     # ---------------------------------------------------------------- the step decision
     def schedule(self) -> Optional[SchedulerOutput]:
         preempted: list = []
+        if not self.running:
+            self._static_batch = 0
+            self._static_open = True
+            self._static_candidates = {seq.seq_id for seq in self.waiting}  # the batch forms from these
         decodes = [s for s in self.running if not s.in_prefill]
         out = None
-        if not (self._last_kind == "prefill" and decodes):
+        if self.mode == "static":
+            # Fill the batch (up to max_num_seqs and the page budget) and prefill all of it, then decode it
+            # to the end; the next batch is admitted when nothing is left running.
             out = self._schedule_prefill(preempted)
-        if out is None and decodes:
-            out = self._schedule_decode(preempted)
-        if out is None:
-            out = self._schedule_prefill(preempted)
+            if out is None and decodes:
+                self._static_open = False
+                out = self._schedule_decode(preempted)
+        else:
+            if not (self._last_kind == "prefill" and decodes):
+                out = self._schedule_prefill(preempted)
+            if out is None and decodes:
+                out = self._schedule_decode(preempted)
+            if out is None:
+                out = self._schedule_prefill(preempted)
         if out is not None:
             out.preempted = preempted
             self._last_kind = out.kind
@@ -142,6 +159,8 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.waiting.remove(seq)
         self.running.append(seq)
+        if self.mode == "static":
+            self._static_batch += 1
 
     def _schedule_prefill(self, preempted: list) -> Optional[SchedulerOutput]:
         budget = self.cfg.max_num_batched_tokens
@@ -169,12 +188,14 @@ class Scheduler:
                 break
 
         # 2) admit waiting sequences in priority order.
-        can_admit = self.mode == "continuous" or not self.running
+        can_admit = self.mode == "continuous" or self._static_open
         if can_admit and self.waiting:
             self._order_waiting()
             for seq in list(self.waiting):
                 if len(rows) >= max_rows:
                     break
+                if self.mode == "static" and seq.seq_id not in self._static_candidates:
+                    continue  # arrived after this batch formed: it waits for the next one
                 if len(self.running) >= self.cfg.max_num_seqs:
                     if not self._make_room_for(seq, preempted, rows):
                         break
@@ -224,4 +245,7 @@ class Scheduler:
                 scheduled.add(seq)
         if not rows:
             return None
-        return SchedulerOutput("decode", rows, (_next_pow2_in(self.decode_ladder, len(rows)), 1))
+        width = len(rows)
+        if self.mode == "static":  # the batch holds its slots until its last sequence finishes
+            width = min(max(width, self._static_batch), self.decode_ladder[-1])
+        return SchedulerOutput("decode", rows, (_next_pow2_in(self.decode_ladder, width), 1))
