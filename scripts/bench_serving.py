@@ -293,6 +293,88 @@ def run_workload(llm, requests: Sequence[BenchRequest], arrivals: Optional[Seque
     return {"summary": summarize(records, t_end - t0), "engine": eng_delta, "requests": records}
 
 
+def run_workload_http(llm, requests: Sequence[BenchRequest], model_name: str = "bench") -> dict:
+    """The offline workload through `jaxserve serve`'s app (uvicorn on 127.0.0.1, a free port) over HTTP.
+
+    Every request is a streaming `/v1/completions` call (token-id prompt, greedy, `ignore_eos`, `max_tokens`),
+    all sent at once from one asyncio client (httpx). TTFT is first streamed token - submission and TPOT
+    (last - first) / (tokens - 1), measured by the client, so they include HTTP, JSON and SSE overhead.
+    The engine must be idle; its prefix cache is reset first. Returns {"summary", "requests"} like
+    `run_workload`.
+    """
+    import asyncio
+    import json as _json
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from jaxserve.server.app import build_app
+
+    eng = llm.engine
+    if eng.has_unfinished_requests():
+        raise RuntimeError("the engine has unfinished requests")
+    eng.bm.reset_prefix_cache()
+    app = build_app(llm, served_model_names=[model_name], default_priority="batch")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.02)
+
+    async def one(client, i, r, t0):
+        body = {"model": model_name, "prompt": list(r.prompt_ids), "max_tokens": r.output_len, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        times = []
+        usage = None
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"request {i}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = _json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    times.append(time.monotonic())
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        # a chunk may carry several tokens' text (or none, for half a character): the token count comes from
+        # the streamed `usage`; timing uses the first and last text-bearing chunks
+        return i, times, usage
+
+    async def main_async():
+        limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3600, limits=limits) as client:
+            t0 = time.monotonic()
+            res = await asyncio.gather(*(one(client, i, r, t0) for i, r in enumerate(requests)))
+            return t0, res
+
+    try:
+        t0, res = asyncio.run(main_async())
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    records = []
+    t_end = t0
+    for i, times, usage in sorted(res, key=lambda x: x[0]):
+        r = requests[i]
+        if not times or not usage:
+            raise RuntimeError(f"request {i} streamed no text or no usage")
+        t_end = max(t_end, times[-1])
+        n = int(usage["completion_tokens"])
+        records.append({"index": i, "arrival_offset_s": 0.0, "prompt_tokens": r.prompt_len,
+                        "requested_tokens": r.output_len, "output_tokens": n, "ttft_s": times[0] - t0,
+                        "tpot_s": (times[-1] - times[0]) / (n - 1) if n > 1 else None, "e2e_s": times[-1] - t0})
+    return {"summary": summarize(records, t_end - t0), "requests": records}
+
+
 def warm_up(llm, corpus_ids: Sequence[int], lengths=(40, 300), output_len: int = 4) -> None:
     """A couple of short requests so first-call costs (allocation, Python paths) fall before the clock,
     then forget their prefix-cache entries."""
@@ -612,6 +694,9 @@ def parse_args(argv=None):
     ap.add_argument("--prefix-output-len", type=int, default=8)
     ap.add_argument("--no-prefix-burst", action="store_true", help="skip the all-at-once prefix run")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    ap.add_argument("--http", action="store_true",
+                    help="also run the offline workload through the HTTP server (jaxserve serve's app) and report "
+                         "its overhead against the in-process engine")
     ap.add_argument("--hf-max-requests", type=int, default=None,
                     help="run HF on the first N requests only (default 16, quick 4; 0 = all): HF pads every "
                          "call to its longest prompt and output, so all 64 requests take ~10 min here")
@@ -728,6 +813,20 @@ def main(argv=None) -> int:
         r = results_by[("offline", "continuous")] if len(sweep_reqs) == len(reqs) else \
             run_workload(llm, sweep_reqs, label="sweep-main")
         sweep_point(args.max_num_seqs, llm, desc_cont, r)
+    if args.http:
+        # The same offline workload through the HTTP server on this engine, against its in-process run above.
+        log("HTTP mode: offline workload through /v1/completions (streaming)")
+        h = run_workload_http(llm, reqs, model_name=args.model)
+        ref = results_by[("offline", "continuous")]["summary"]
+        hs = h["summary"]
+        res["http"] = {"summary": hs, "requests": h["requests"], "in_process_summary": ref,
+                       "throughput_overhead_pct": 100.0 * (ref["output_tok_s"] / hs["output_tok_s"] - 1.0),
+                       "ttft_p50_overhead_pct": 100.0 * (hs["ttft_ms_p50"] / ref["ttft_ms_p50"] - 1.0),
+                       "tpot_p50_overhead_pct": 100.0 * (hs["tpot_ms_p50"] / ref["tpot_ms_p50"] - 1.0)}
+        log(f"HTTP: {hs['output_tok_s']:.1f} out tok/s vs {ref['output_tok_s']:.1f} in process "
+            f"(throughput overhead {res['http']['throughput_overhead_pct']:+.1f}%), TTFT p50 {hs['ttft_ms_p50']:.0f} "
+            f"vs {ref['ttft_ms_p50']:.0f} ms, TPOT p50 {_f(hs['tpot_ms_p50'])} vs {_f(ref['tpot_ms_p50'])} ms")
+        save()
     release(llm)
 
     # ... and off (its own engine, otherwise identical).
