@@ -329,7 +329,7 @@ def run_workload_http(llm, requests: Sequence[BenchRequest], model_name: str = "
             raise RuntimeError("the HTTP server did not start")
         time.sleep(0.02)
 
-    async def one(client, i, r, t0):
+    async def one(client, i, r):
         body = {"model": model_name, "prompt": list(r.prompt_ids), "max_tokens": r.output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         times = []
@@ -353,7 +353,7 @@ def run_workload_http(llm, requests: Sequence[BenchRequest], model_name: str = "
         limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3600, limits=limits) as client:
             t0 = time.monotonic()
-            res = await asyncio.gather(*(one(client, i, r, t0) for i, r in enumerate(requests)))
+            res = await asyncio.gather(*(one(client, i, r) for i, r in enumerate(requests)))
             return t0, res
 
     try:
