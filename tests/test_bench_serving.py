@@ -224,3 +224,14 @@ def test_quick_args():
     assert spec.num_requests == 16 and spec.prompt_max == 256 and args.sweep == [1, 4, 16]
     args, spec = bs.parse_args([])
     assert spec.num_requests == 64 and args.sweep == [1, 2, 4, 8, 16, 32, 64] and args.hf_max_requests == 16
+
+
+def test_decode_step_bound_by_hand():
+    # batches of 2 in arrival order: max(10, 2) + max(4, 4) = 14 static steps; continuous needs at least
+    # max(ceil(20 / 2), 10) = 10 steps
+    b = bs.decode_step_bound([10, 2, 4, 4], 2)
+    assert b == {"static_decode_steps": 14, "continuous_decode_steps_min": 10, "ratio_bound": 1.4}
+    # one batch holding everything: continuous can do no better than static
+    assert bs.decode_step_bound([10, 2, 4, 4], 8)["ratio_bound"] == 1.0
+    # the longest request bounds continuous from below even when slots are plentiful
+    assert bs.decode_step_bound([30, 1, 1, 1], 2)["continuous_decode_steps_min"] == 30
