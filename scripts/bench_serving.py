@@ -249,6 +249,7 @@ def run_workload(llm, requests: Sequence[BenchRequest], arrivals: Optional[Seque
     before = _engine_counters(eng)
     nxt = 0
     t0 = time.monotonic()
+    cpu0 = time.process_time()
     while len(done) < n:
         now = time.monotonic()
         while nxt < n and t0 + offs[order[nxt]] <= now:
@@ -266,6 +267,7 @@ def run_workload(llm, requests: Sequence[BenchRequest], arrivals: Optional[Seque
             time.sleep(max(0.0, t0 + offs[order[nxt]] - time.monotonic()))
         else:
             raise RuntimeError(f"engine idle but only {len(done)}/{n} requests finished")
+    cpu_s = time.process_time() - cpu0
     after = _engine_counters(eng)
     records = []
     t_end = t0
@@ -290,7 +292,13 @@ def run_workload(llm, requests: Sequence[BenchRequest], arrivals: Optional[Seque
     eng_delta = _counter_delta(before, after)
     eng_delta["mean_running"] = float(np.mean(running_samples)) if running_samples else 0.0
     eng_delta["max_running"] = int(max(running_samples)) if running_samples else 0
-    return {"summary": summarize(records, t_end - t0), "engine": eng_delta, "requests": records}
+    summary = summarize(records, t_end - t0)
+    # CPU seconds of this process (all its threads) over the run: on a machine shared with other jobs the
+    # wall clock stretches with their load, the work done by this process much less, so tokens per CPU-second
+    # compare two runs made at different loads more fairly than tokens per wall-second.
+    summary["cpu_s"] = cpu_s
+    summary["output_tok_per_cpu_s"] = summary["output_tokens"] / cpu_s if cpu_s > 0 else None
+    return {"summary": summary, "engine": eng_delta, "requests": records}
 
 
 def run_workload_http(llm, requests: Sequence[BenchRequest], model_name: str = "bench") -> dict:
@@ -572,14 +580,15 @@ def print_report(res: dict) -> None:
           f"p50/mean/max {w['output_tokens_p50']:.0f}/{w['output_tokens_mean']:.0f}/{w['output_tokens_max']}, "
           f"{w['output_tokens_total']} output tokens in total")
     print("\n| workload | engine | output tok/s | req/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
-          "| TPOT p99 (ms) | mean decode batch / max running | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| TPOT p99 (ms) | mean decode batch / max running | wall (s) | output tok per CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["runs"]:
         s, e = r["summary"], r["engine"]
         print(f"| {r['mode']} | jaxserve {r['scheduler']} (max_num_seqs {r['max_num_seqs']}) | "
               f"{_f(s['output_tok_s'])} | {_f(s['requests_s'], 3)} | {_f(s['ttft_ms_p50'], 0)} | "
               f"{_f(s['ttft_ms_p99'], 0)} | {_f(s['tpot_ms_p50'])} | {_f(s['tpot_ms_p99'])} | "
-              f"{_f(e['mean_decode_batch'])} / {e['max_running']} | {_f(s['duration_s'])} |")
+              f"{_f(e['mean_decode_batch'])} / {e['max_running']} | {_f(s['duration_s'])} | "
+              f"{_f(s.get('output_tok_per_cpu_s'))} |")
     hf = res.get("hf")
     if hf and "output_tok_s" in hf:
         print(f"| offline, first {hf['num_requests']} requests | {hf['engine']}, batch {hf['batch_size']} | "
@@ -596,7 +605,9 @@ def print_report(res: dict) -> None:
         print(f"\nHF baseline: {hf.get('error')}")
     print()
     for mode, ratio in res["ratios"].items():
-        print(f"continuous / static output tok/s, {mode}: {ratio:.2f}x")
+        cpu = res.get("ratios_cpu", {}).get(mode)
+        print(f"continuous / static output tok/s, {mode}: {ratio:.2f}x"
+              + (f" (per CPU-second of this process: {cpu:.2f}x)" if cpu else ""))
     b = res.get("offline_ratio_bound")
     if b:
         print(f"bound from decode steps alone (offline): static {b['static_decode_steps']} steps, continuous >= "
@@ -888,6 +899,9 @@ def main(argv=None) -> int:
                 c = results_by[(mode, "continuous")]["summary"]["output_tok_s"]
                 s = results_by[(mode, "static")]["summary"]["output_tok_s"]
                 res["ratios"][mode] = c / s
+                c = results_by[(mode, "continuous")]["summary"]["output_tok_per_cpu_s"]
+                s = results_by[(mode, "static")]["summary"]["output_tok_per_cpu_s"]
+                res["ratios_cpu"] = {**res.get("ratios_cpu", {}), mode: c / s}
         res["offline_ratio_bound"] = decode_step_bound([r.output_len for r in reqs], args.max_num_seqs)
         save()
 

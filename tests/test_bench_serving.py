@@ -183,6 +183,9 @@ def test_run_workload_tiny_offline_poisson_static():
     assert st["engine"]["max_running"] <= TINY_KW["max_num_seqs"]
     # Same work, same tokens, whatever the scheduler.
     assert st["summary"]["output_tokens"] == off["summary"]["output_tokens"]
+    for run in (off, poi, st):  # this process's CPU time over the run, and tokens per CPU-second from it
+        s = run["summary"]
+        assert s["cpu_s"] > 0 and s["output_tok_per_cpu_s"] == pytest.approx(s["output_tokens"] / s["cpu_s"])
 
 
 def test_prefix_experiment_tiny():
