@@ -16,10 +16,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--random-weights", action="store_true", help="random weights for a preset (testing)")
+    from jaxserve.parallel.cli import add_parallel_arguments
+
+    add_parallel_arguments(p)
 
 
 def _engine_kwargs(args) -> dict:
-    kw = {}
+    from jaxserve.parallel.cli import parallel_kwargs
+
+    kw = parallel_kwargs(args)  # {} unless --mesh; joins jax.distributed when a coordinator is given
     for name in ("max_model_len", "page_size", "kv_cache_bytes"):
         v = getattr(args, name, None)
         if v is not None:
@@ -98,8 +103,18 @@ def cmd_convert(args) -> int:
     t0 = time.monotonic()
     r = resolve_model(args.src, random_weights=args.random_weights)
     params = r.params() if callable(r.params) else r.params
+    method = None
+    if getattr(args, "quant", None):  # docs/quantization.md: the quantized weights are saved, never redone on load
+        from jaxserve.config import EngineConfig
+        from jaxserve.weights.calibrate import quantize_for_engine
+
+        ecfg = EngineConfig(quantization=args.quant, quant_group_size=args.group_size,
+                            quantize_embed=args.quantize_embed)
+        ecfg.validate(r.config)
+        params = quantize_for_engine(params, r.config, ecfg, r.tokenizer)
+        method = "gptq" if args.quant == "gptq" else "rtn"
     tok_json = r.tokenizer.to_json() if r.tokenizer is not None and hasattr(r.tokenizer, "to_json") else None
-    save_converted(args.out, r.config, params, tok_json)
+    save_converted(args.out, r.config, params, tok_json, quant_method=method)
     print(f"converted {args.src} -> {args.out} in {time.monotonic() - t0:.1f} s")
     return 0
 
@@ -204,6 +219,10 @@ def main(argv=None) -> int:
     cv.add_argument("src")
     cv.add_argument("--out", required=True)
     cv.add_argument("--random-weights", action="store_true")
+    cv.add_argument("--quant", default=None, choices=["int8", "int4", "gptq"],
+                    help="save weight-only quantized linear layers (int4 / gptq: --group-size rows per scale)")
+    cv.add_argument("--group-size", type=int, default=64, help="int4 / gptq group size (default 64)")
+    cv.add_argument("--quantize-embed", action="store_true", help="also quantize the embedding / LM head")
     cv.set_defaults(fn=cmd_convert)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")

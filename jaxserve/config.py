@@ -350,7 +350,12 @@ class EngineConfig:
     min_prefill_tokens: int = 32  # smallest prefill Q bucket
     attn_block_pages: int = 16  # pages per attention block (the loop step over the KV cache)
     dtype: str = "float32"  # compute/weight dtype; float32 is fastest on XLA:CPU (see README)
-    kv_cache_dtype: str = "float32"
+    kv_cache_dtype: str = "float32"  # or "bfloat16", or "int8" (per token and head scales; XLA attention path)
+    # Weight-only quantization of the linear layers (jaxserve/weights/quantize.py, docs/quantization.md):
+    # None | "int8" (per output channel) | "int4" (group-wise RTN) | "gptq" (calibrated int4). Off by default.
+    quantization: Optional[str] = None
+    quant_group_size: int = 64  # int4 / gptq rows per scale; K % (2 * group) == 0 for every layer
+    quantize_embed: bool = False  # also the embedding / tied LM head (measured separately)
     # "auto" (Pallas kernels on TPU/GPU, the XLA path on CPU) | "xla" | "pallas" (on CPU: interpret mode, slow);
     # see pallas_kernels/engine.py and ModelRunner's attention_fn_for.
     attention_impl: str = "auto"
@@ -374,8 +379,15 @@ class EngineConfig:
             raise InvalidConfigError(f"scheduler must be 'continuous' or 'static', got {self.scheduler!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise InvalidConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.kv_cache_dtype not in ("float32", "bfloat16"):
-            raise InvalidConfigError(f"kv_cache_dtype must be float32 or bfloat16, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in ("float32", "bfloat16", "int8"):
+            raise InvalidConfigError(
+                f"kv_cache_dtype must be float32, bfloat16 or int8, got {self.kv_cache_dtype!r}")
+        if self.quantization not in (None, "int8", "int4", "gptq"):
+            raise InvalidConfigError(
+                f"unknown quantization {self.quantization!r}: use None, 'int8', 'int4' or 'gptq'")
+        if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)
+                or self.quant_group_size <= 0):
+            raise InvalidConfigError(f"quant_group_size must be a positive integer, got {self.quant_group_size!r}")
         if self.model_len(model) > model.max_position_embeddings:
             raise InvalidConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context {model.max_position_embeddings}"

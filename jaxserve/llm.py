@@ -28,13 +28,17 @@ class LLM:
     Args:
         model: a preset/embedded name (default `gemma3-270m`), a `.gguf` file, a HF safetensors directory,
             or a directory written by `jaxserve convert`.
+        speculative: None (off), or `{"method": "ngram" | "self" | "draft", "num_tokens": k, ...}`:
+            speculative decoding with exact verification (docs/speculative.md).
         random_weights: use random weights for a preset (tests, planning, sharding experiments).
+        mesh: None (one device), or `{"data": d, "stage": p, "model": t}` / `"data=1,stage=2,model=4"`:
+            tensor, pipeline and data parallelism over `jax.devices()` (docs/parallel.md).
         Every other keyword is an `EngineConfig` field (page_size, max_model_len, max_num_seqs,
         kv_cache_bytes, num_pages, scheduler, enable_prefix_caching, attention_impl, dtype, seed, ...).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, random_weights: bool = False, tokenizer=None,
-                 compile_guard: str = "raise", **engine_kwargs):
+                 compile_guard: str = "raise", mesh=None, speculative: Optional[dict] = None, **engine_kwargs):
         from jaxserve.engine.runner import enable_persistent_cache
         from jaxserve.weights.resolve import resolve_model
 
@@ -44,14 +48,35 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM/EngineConfig argument(s): {sorted(unknown)}")
         self.engine_config = EngineConfig(**engine_kwargs)
-        resolved = resolve_model(model, random_weights=random_weights, seed=self.engine_config.seed)
-        params = resolved.params() if callable(resolved.params) else resolved.params
-        self.model_config = resolved.config
-        self.tokenizer = tokenizer or resolved.tokenizer
-        t_load = time.monotonic()
-        self.engine = LLMEngine(self.model_config, self.engine_config, params, self.tokenizer)
-        del params
+        if speculative is not None:  # a bad dict fails here, before any loading (docs/speculative.md)
+            from jaxserve.errors import InvalidConfigError
+            from jaxserve.speculative import SpeculativeConfig
+
+            speculative = SpeculativeConfig.parse(speculative)
+            if mesh is not None:
+                raise InvalidConfigError("speculative decoding does not support mesh= (one device only) yet")
+        if mesh is not None:  # tensor / pipeline / data parallel over jax.devices(): jaxserve/parallel/
+            from jaxserve.parallel.engine import build_parallel_engine
+
+            self.engine, self.model_config, self.tokenizer, _ = build_parallel_engine(
+                model, mesh, self.engine_config, random_weights=random_weights, tokenizer=tokenizer)
+            t_load = time.monotonic()
+        else:
+            resolved = resolve_model(model, random_weights=random_weights, seed=self.engine_config.seed)
+            params = resolved.params() if callable(resolved.params) else resolved.params
+            self.model_config = resolved.config
+            self.tokenizer = tokenizer or resolved.tokenizer
+            if self.engine_config.quantization is not None:  # docs/quantization.md
+                from jaxserve.weights.calibrate import quantize_for_engine
+
+                params = quantize_for_engine(params, self.model_config, self.engine_config, self.tokenizer)
+            t_load = time.monotonic()
+            self.engine = LLMEngine(self.model_config, self.engine_config, params, self.tokenizer,
+                                    speculative=speculative)
+            del params
         self.compile_seconds = self.engine.runner.compile_all()
+        if self.engine.speculator is not None:  # verify (R, k + 1) programs, the draft's, measured step costs
+            self.compile_seconds += self.engine.speculator.compile_all()
         self.load_seconds = t_load - t0
         self.startup_seconds = time.monotonic() - t0
 

@@ -253,6 +253,8 @@ class Plan:
     min_devices_for_weights: Optional[int]  # smallest num_devices whose weights fit (None: > 4096)
     min_devices: Optional[int]  # smallest num_devices holding weights + one full-context sequence
     message: str = ""  # empty when everything fits; otherwise what to change
+    # int8 KV only: KV bytes per token of a bfloat16 cache, so the saving is reported next to the int8 figure.
+    kv_bytes_per_token_bf16: Optional[int] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -356,6 +358,7 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
         decode_roofline_step_seconds_max_batch=step_max, decode_roofline_tokens_per_second_max_batch=tps_max,
         weights_fit=weights_fit, fits=fits, min_devices_for_weights=min_w, min_devices=min_all,
         message="\n".join(notes),
+        kv_bytes_per_token_bf16=int(model.kv_bytes_per_token("bfloat16")) if kv_dtype == "int8" else None,
     )
 
 
@@ -385,8 +388,12 @@ def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device: str = "cpu")
     """
     if device == "auto":
         device = detect_device()
-    p = plan(model, device, dtype=engine_cfg.dtype, kv_dtype=engine_cfg.kv_cache_dtype,
-             context=engine_cfg.model_len(model))
+    # Quantized weights leave more of the device to the KV cache; plan() counts every parameter at the quantized
+    # width, so only when the embedding is quantized too (otherwise the engine dtype over-counts: safe).
+    wdtype = engine_cfg.dtype
+    if getattr(engine_cfg, "quantization", None) and getattr(engine_cfg, "quantize_embed", False):
+        wdtype = "int8" if engine_cfg.quantization == "int8" else "int4"
+    p = plan(model, device, dtype=wdtype, kv_dtype=engine_cfg.kv_cache_dtype, context=engine_cfg.model_len(model))
     if p.device == "cpu":
         return min(CPU_DEFAULT_KV_BUDGET_BYTES, p.kv_budget_bytes)
     return p.kv_budget_bytes
@@ -426,6 +433,10 @@ def format_plan(p: Plan) -> str:
     rows += [
         ("KV per token", f"{fmt_bytes(p.kv_bytes_per_token)} ({p.kv_bytes_per_token:,} B)"),
     ]
+    if p.kv_bytes_per_token_bf16:
+        rows.append(("int8 KV saving vs bfloat16 / float32",
+                     f"{1 - p.kv_bytes_per_token / p.kv_bytes_per_token_bf16:.1%} / "
+                     f"{1 - p.kv_bytes_per_token / (2 * p.kv_bytes_per_token_bf16):.1%} (scales included)"))
     if p.num_devices > 1:
         rows.append(("KV per token per device",
                      f"{fmt_bytes(p.kv_bytes_per_token_per_device)} ({p.kv_bytes_per_token_per_device:,} B)"))

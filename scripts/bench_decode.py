@@ -3,6 +3,11 @@
 with HF transformers (CPU torch) at batch 1 on the same prompt in the same run; plus start-up time.
 
     python scripts/bench_decode.py [--batches 1 8 32] [--new-tokens 64] [--no-hf] [--no-startup]
+                                   [--configs fp32 int8 int4 ...]
+
+`--configs` runs the same measurement for each weight format in one process, one engine after the other:
+fp32 (unquantized), int8 / int4 (weight-only, linear layers; round to nearest), `+head` variants that also
+quantize the embedding / tied LM head, and kv-int8 (float weights, int8 KV cache). See docs/quantization.md.
 
 Writes bench_results/decode.json and prints a Markdown table. Decode tokens/s counts only decode steps
 (prefill is timed separately), so batch sizes compare the memory-bound phase directly.
@@ -38,14 +43,24 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+# name -> LLM keyword arguments (docs/quantization.md)
+CONFIGS = {
+    "fp32": {},
+    "int8": dict(quantization="int8"),
+    "int4": dict(quantization="int4"),
+    "int8+head": dict(quantization="int8", quantize_embed=True),
+    "int4+head": dict(quantization="int4", quantize_embed=True),
+    "kv-int8": dict(kv_cache_dtype="int8"),
+}
+
+
 def step_bytes(llm, batch: int, context: int) -> dict:
     """Bytes one decode step must read: every weight once + the visible KV of each sequence."""
     import jax
 
     cfg = llm.model_config
     weights = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.params))
-    elem = np.dtype(llm.engine_config.kv_cache_dtype).itemsize
-    per_layer_tok = 2 * cfg.num_kv_heads * cfg.head_dim * elem
+    per_layer_tok = cfg.kv_bytes_per_token(llm.engine_config.kv_cache_dtype) / cfg.num_layers  # int8: + scales
     visible = sum(min(context, w) if w else context for w in cfg.layer_windows())
     kv = batch * visible * per_layer_tok
     return {"weights": weights, "kv": kv, "total": weights + kv}
@@ -97,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up measurement")
     ap.add_argument("--batch-invariant", action="store_true", help="run jaxserve in batch-invariant mode")
+    ap.add_argument("--configs", nargs="+", default=["fp32", "int8", "int4"], choices=list(CONFIGS),
+                    help="weight / KV formats to measure side by side (default: fp32 int8 int4)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_results", "decode.json"))
     args = ap.parse_args(argv)
 
@@ -105,26 +122,34 @@ def main(argv=None) -> int:
     result = {"machine": {"cpus": os.cpu_count()}, "rows": [], "command": " ".join(["python"] + sys.argv)}
     bw = measure_bandwidth()
     result["machine"]["copy_bandwidth_GBps"] = bw / 1e9
-    t0 = time.monotonic()
-    llm = LLM("gemma3-270m", max_num_seqs=max(args.batches), max_model_len=1024,
-              batch_invariant=args.batch_invariant)
-    result["jaxserve_startup_s"] = time.monotonic() - t0
-    run_steps(llm, 1, 4)  # warm caches and allocator
-    for b in args.batches:
-        r = run_steps(llm, b, args.new_tokens)
-        steps = r["decode_tokens"] / b
-        step_s = r["decode_seconds"] / steps
-        ctx = r["prompt_tokens"] + args.new_tokens // 2
-        by = step_bytes(llm, b, ctx)
-        result["rows"].append({
-            "engine": "jaxserve", "batch": b, "decode_tok_s": r["decode_tokens"] / r["decode_seconds"],
-            "step_ms": step_s * 1e3, "bytes_per_step": by["total"], "weight_bytes": by["weights"],
-            "kv_bytes": by["kv"], "achieved_GBps": by["total"] / step_s / 1e9,
-            "roofline_fraction": (by["total"] / step_s) / bw,
-            "prefill_tok_s": r["prefill_tokens"] / r["prefill_seconds"] if r["prefill_seconds"] else None,
-        })
-        print(json.dumps(result["rows"][-1]), flush=True)
-    del llm
+    for config in args.configs:
+        t0 = time.monotonic()
+        llm = LLM("gemma3-270m", max_num_seqs=max(args.batches), max_model_len=1024,
+                  batch_invariant=args.batch_invariant, **CONFIGS[config])
+        result.setdefault("jaxserve_startup_s", {})[config] = time.monotonic() - t0
+        run_steps(llm, 1, 4)  # warm caches and allocator
+        for b in args.batches:
+            r = run_steps(llm, b, args.new_tokens)
+            steps = r["decode_tokens"] / b
+            step_s = r["decode_seconds"] / steps
+            ctx = r["prompt_tokens"] + args.new_tokens // 2
+            by = step_bytes(llm, b, ctx)
+            result["rows"].append({
+                "engine": "jaxserve", "config": config, "batch": b,
+                "decode_tok_s": r["decode_tokens"] / r["decode_seconds"],
+                "step_ms": step_s * 1e3, "bytes_per_step": by["total"], "weight_bytes": by["weights"],
+                "kv_bytes": by["kv"], "achieved_GBps": by["total"] / step_s / 1e9,
+                "roofline_fraction": (by["total"] / step_s) / bw,
+                "prefill_tok_s": r["prefill_tokens"] / r["prefill_seconds"] if r["prefill_seconds"] else None,
+            })
+            print(json.dumps(result["rows"][-1]), flush=True)
+        del llm
+        import gc
+
+        import jax
+
+        gc.collect()
+        jax.clear_caches()
 
     if not args.no_hf:
         try:
@@ -149,14 +174,16 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     print()
     print(f"Machine copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
-    print("| engine | batch | decode tok/s | step ms | bytes/step | achieved GB/s | roofline |")
-    print("|---|---|---|---|---|---|---|")
+    print("| engine | weights | batch | decode tok/s | vs fp32 | step ms | bytes/step | achieved GB/s | roofline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {r["batch"]: r["decode_tok_s"] for r in result["rows"] if r.get("config") == "fp32"}
     for r in result["rows"]:
         if r["engine"] == "jaxserve":
-            print(f"| jaxserve | {r['batch']} | {r['decode_tok_s']:.1f} | {r['step_ms']:.1f} | "
+            rel = f"{r['decode_tok_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else ""
+            print(f"| jaxserve | {r['config']} | {r['batch']} | {r['decode_tok_s']:.1f} | {rel} | {r['step_ms']:.1f} | "
                   f"{r['bytes_per_step'] / 1e9:.2f} GB | {r['achieved_GBps']:.1f} | {r['roofline_fraction']:.0%} |")
         else:
-            print(f"| {r['engine']} | {r['batch']} | {r['decode_tok_s']:.1f} | | | | |")
+            print(f"| {r['engine']} | float32 | {r['batch']} | {r['decode_tok_s']:.1f} | | | | | |")
     if "startup" in result:
         s = result["startup"]
         print(f"\nStart-up to first token: cold {s['cold'].get('first_token_s', float('nan')):.1f} s, "

@@ -61,7 +61,7 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, tokenizer,
-                 num_pages: Optional[int] = None, runner=None):
+                 num_pages: Optional[int] = None, runner=None, speculative=None):
         engine_cfg.validate(model_cfg)
         self.model_cfg = model_cfg
         self.cfg = engine_cfg
@@ -83,6 +83,13 @@ class LLMEngine:
 
             runner = ModelRunner(model_cfg, engine_cfg, params, num_pages)
         self.runner = runner
+        # Speculative decoding (jaxserve/speculative, docs/speculative.md): owns every decode step when set.
+        self.speculator = None
+        if speculative is not None:
+            from jaxserve.speculative import build_speculator
+
+            self.speculator = build_speculator(speculative, model_cfg, engine_cfg, runner, self.bm,
+                                               self.max_model_len)
         self.requests: dict = {}
         self.stats = EngineStats()
         self._seq_ids = itertools.count(1)
@@ -152,6 +159,8 @@ class LLMEngine:
         for s in req.seqs:
             if not s.finished:
                 self._finish(s, "abort")
+            if self.speculator is not None:
+                self.speculator.forget(s.seq_id)
         # No step reports an aborted request, so drop it here (a long-running server would leak it).
         self.requests.pop(request_id, None)
         self.stats.requests_aborted += 1
@@ -169,7 +178,11 @@ class LLMEngine:
         t0 = time.monotonic()
         for row in out.rows:
             row.block_table = self.bm.block_table(row.seq.seq_id)
-        tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
+        spec = None
+        if out.kind == "decode" and self.speculator is not None:
+            spec = self.speculator.execute(out.rows, out.bucket)  # per row: the emitted (token, logprob, ...)
+        else:
+            tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
         now = time.monotonic()
         self.stats.busy_seconds += now - t0
         self.stats.kind_seconds[out.kind] += now - t0
@@ -182,14 +195,25 @@ class LLMEngine:
         changed = {}
         for i, row in enumerate(out.rows):
             seq = row.seq
-            seq.num_computed_tokens = row.start + row.num_new
+            if spec is not None:  # accepted drafts + the bonus/correction; stop once the sequence finishes
+                n_app = 0
+                for tok, lp, t_ids, t_lps in spec[i]:
+                    if seq.finished:
+                        break
+                    self._append_token(seq, tok, lp, t_ids, t_lps, now)
+                    n_app += 1
+                seq.num_computed_tokens = row.start + n_app  # KV is verified up to the last emitted token
+            else:
+                seq.num_computed_tokens = row.start + row.num_new
             if out.kind == "prefill":
                 self.stats.prompt_tokens_computed += row.num_new
-            if row.samples:
+            if spec is None and row.samples:
                 self._append_token(seq, int(tokens[i]), float(lps[i]), top_ids[i], top_lps[i], now)
             self.bm.commit_computed(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
             if seq.finished:
                 self.scheduler.finish(seq)
+                if self.speculator is not None:
+                    self.speculator.forget(seq.seq_id)
             changed[seq.request_id] = True
         return [self._request_output(self.requests[rid]) for rid in changed if rid in self.requests]
 
@@ -303,6 +327,7 @@ class LLMEngine:
             "requests_aborted": self.stats.requests_aborted,
             **_percentiles("ttft_s", self.stats.ttfts),
             **_percentiles("tpot_s", self.stats.tpots),
+            **(self.speculator.metrics() if self.speculator is not None else {}),
         }
 
 

@@ -24,6 +24,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache
+from jaxserve.weights.quantize import ensure_quantized, to_device
 
 log = logging.getLogger("jaxserve")
 
@@ -96,6 +97,9 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig):
         raise InvalidConfigError(f"attention_impl must be auto, xla or pallas, got {impl!r}")
     if impl == "xla" or (impl == "auto" and jax.default_backend() == "cpu"):
         return None  # (without importing pallas_kernels)
+    if engine_cfg.kv_cache_dtype == "int8":
+        raise InvalidConfigError("kv_cache_dtype='int8' runs on the XLA attention path only: pass "
+                                 "attention_impl='xla' (the Pallas kernels' int8 pages are not wired to the engine)")
     from pallas_kernels.engine import engine_attention_fn
 
     try:
@@ -111,8 +115,9 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig):
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, num_pages: int,
-                 attention_fn=None):
+                 attention_fn=None, placement=None):
         self.model_cfg = model_cfg
+        self.placement = placement  # jaxserve.parallel.placement.Placement: a sharded replica; None: one device
         self.cfg = engine_cfg
         self.num_pages = num_pages
         self.page_size = engine_cfg.page_size
@@ -123,8 +128,14 @@ class ModelRunner:
         self.attention_fn = attention_fn if attention_fn is not None else attention_fn_for(model_cfg, engine_cfg)
         dtype = jnp.dtype(engine_cfg.dtype)
         t0 = time.monotonic()
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype if np.issubdtype(np.asarray(a).dtype, np.floating) else None), params)
-        self.kv = init_kv_cache(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
+        params = ensure_quantized(params, engine_cfg)  # no-op unless EngineConfig.quantization is set
+        if placement is not None:
+            self.params = placement.place_params(params, dtype)
+            self.kv = placement.init_kv(num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
+        else:
+            # Float leaves are cast to the engine dtype; quantized leaves (weights/quantize.py) are kept as they are.
+            self.params = to_device(params, dtype)
+            self.kv = init_kv_cache(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         self.load_seconds = time.monotonic() - t0
         self._programs: dict = {}
         self._warm_count: Optional[int] = None
@@ -132,7 +143,8 @@ class ModelRunner:
 
     # -------------------------------------------------------------- programs
     def _step(self, params, kv, inp: StepInputs, st: SamplingTensors):
-        logits, kv = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
+        forward = forward_step if self.placement is None or self.placement.forward is None else self.placement.forward
+        logits, kv = forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                   block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
                                   batch_invariant=self.cfg.batch_invariant)
         # Batch-invariant mode samples row by row: the sampler's [rows, vocab] reductions (log-softmax over a
@@ -155,7 +167,10 @@ class ModelRunner:
     def compile_all(self, progress=None) -> float:
         """Compile every bucket ahead of time. Returns seconds spent."""
         t0 = time.monotonic()
-        fn = jax.jit(self._step, donate_argnums=(1,))
+        if self.placement is not None:
+            fn = self.placement.jit(self._step, self.params)
+        else:
+            fn = jax.jit(self._step, donate_argnums=(1,))
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
 
@@ -206,10 +221,11 @@ class ModelRunner:
         prog = self._programs.get(bucket)
         if prog is None:
             raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(self._programs)}")
+        inputs = (StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots), SamplingTensors(**st))
+        if self.placement is not None:
+            inputs = self.placement.put_inputs(inputs)
         before = compile_count()
-        res, self.kv = prog(self.params, self.kv,
-                            StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots),
-                            SamplingTensors(**st))
+        res, self.kv = prog(self.params, self.kv, *inputs)
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.models.transformer import embed_tokens, lm_head, mlp, qkv, rms_norm, rope_inv_freq, softcap
+from jaxserve.models.transformer import dense, embed_tokens, lm_head, mlp, qkv, rms_norm, rope_inv_freq, softcap
 
 
 def reference_forward(cfg: ModelConfig, params, tokens) -> jnp.ndarray:
@@ -36,7 +36,7 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> jnp.ndarray:
         p = jnp.exp(s - s.max(-1, keepdims=True))
         p = p / p.sum(-1, keepdims=True)
         o = jnp.einsum("hqk,khd->qhd", p, v.astype(jnp.float32)).astype(x.dtype).reshape(T, cfg.q_size)
-        o = o @ lp["wo"]
+        o = dense(o, lp["wo"])
         if cfg.post_norms:
             o = rms_norm(o, lp["post_attn_norm"], cfg.rms_norm_eps)
         x = x + o

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.weights.quantize import Int8KV, is_quantized
 
 
 class StepInputs(NamedTuple):
@@ -53,20 +54,23 @@ def attn_query_tile(cfg: ModelConfig) -> int:
 
 
 def dense(x, w, invariant: bool = False):
-    """x [..., K] @ w [K, N]; with `invariant`, on 2..32-row tiles (see ROW_TILE)."""
+    """x [..., K] @ w [K, N]; with `invariant`, on 2..32-row tiles (see ROW_TILE).
+
+    `w` may be a quantized weight (jaxserve/weights/quantize.py: Int8Weight / Int4Weight), then `w.matmul`."""
+    mm = w.matmul if is_quantized(w) else (lambda a: a @ w)
     if not invariant:
-        return x @ w
+        return mm(x)
     lead, K = x.shape[:-1], x.shape[-1]
     M = math.prod(lead)
     x2 = x.reshape(M, K)
     if M == 1:
-        y = (jnp.concatenate([x2, x2]) @ w)[:1]
+        y = mm(jnp.concatenate([x2, x2]))[:1]
     elif M <= ROW_TILE:
-        y = x2 @ w
+        y = mm(x2)
     else:
         pad = -M % ROW_TILE  # steps never pad (their M is a multiple of 32); the reference forward may
         xp = jnp.pad(x2, ((0, pad), (0, 0)))
-        y = jax.lax.map(lambda t: t @ w, xp.reshape(-1, ROW_TILE, K)).reshape(M + pad, -1)[:M]
+        y = jax.lax.map(mm, xp.reshape(-1, ROW_TILE, K)).reshape(M + pad, -1)[:M]
     return y.reshape(*lead, w.shape[-1])
 
 
@@ -147,7 +151,8 @@ def softcap(x, cap: Optional[float]):
 
 
 def embed_tokens(cfg: ModelConfig, params, tokens):
-    x = jnp.take(params["embed"], tokens, axis=0)
+    e = params["embed"]  # a quantized embedding is stored as the LM head's [D, V] (weights/quantize.py)
+    x = e.take_rows(tokens) if is_quantized(e) else jnp.take(e, tokens, axis=0)
     if cfg.embed_scale:
         # Gemma multiplies by sqrt(D) rounded to the compute dtype.
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=x.dtype)
@@ -160,7 +165,8 @@ def lm_head(cfg: ModelConfig, params, x, inv: bool = False):
     if "lm_head" in params:
         logits = dense(x, params["lm_head"], inv)
     else:
-        logits = dense(x, params["embed"].T, inv)
+        e = params["embed"]
+        logits = dense(x, e if is_quantized(e) else e.T, inv)
     return softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
 
 
@@ -280,16 +286,36 @@ def _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_p
 
 
 def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: int, block_pages: int,
-                 attention_fn=None, batch_invariant: bool = False):
+                 attention_fn=None, batch_invariant: bool = False, all_logits: bool = False):
     """Run R x Q new tokens through the model, writing their K/V into the pages.
 
-    Returns (logits f32[R, V] of each row's last new token, updated kv).
+    Returns (logits f32[R, V] of each row's last new token, updated kv). With `all_logits` (speculative
+    verification), logits f32[R, Q, V] of every position instead (the LM head runs on all R x Q rows).
     """
     R, Q = inp.tokens.shape
     attention_fn = attention_fn or paged_attention_xla
     x = embed_tokens(cfg, params, inp.tokens)  # [R, Q, D]
     windows = jnp.asarray(np.asarray(cfg.layer_windows(), np.int32))
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    x, kc, vc = decoder_layers(cfg, params["layers"], x, kv["k"], kv["v"], inp, windows, inv_freq, layers,
+                               page_size=page_size, block_pages=block_pages, attention_fn=attention_fn,
+                               batch_invariant=batch_invariant)
+    inv = batch_invariant
+    if all_logits:
+        return lm_head(cfg, params, x, inv), {"k": kc, "v": vc}
+    last = jnp.maximum(inp.q_lens - 1, 0)
+    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [R, D]
+    return lm_head(cfg, params, x_last, inv), {"k": kc, "v": vc}
+
+
+def decoder_layers(cfg: ModelConfig, layer_params, x, kc, vc, inp: StepInputs, windows, inv_freq, layers, *,
+                   page_size: int, block_pages: int, attention_fn=None, batch_invariant: bool = False):
+    """The stacked decoder layers over x [R, Q, D] (one lax.scan). `layer_params`, windows, inv_freq and `layers`
+    (indices into the caches kc / vc) have a leading axis of the layers to run: all of them, or one pipeline
+    stage's share (jaxserve/parallel/pipeline.py). Returns (x, kc, vc)."""
+    R, Q = inp.tokens.shape
+    attention_fn = attention_fn or paged_attention_xla
     flat_slots = inp.slots.reshape(-1)
     valid = jnp.arange(Q)[None, :] < inp.q_lens[:, None]
     q_pos = jnp.where(valid, inp.positions, -1)
@@ -301,8 +327,8 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
         lp, window, freq, layer = xs
         h = rms_norm(x, lp["attn_norm"], eps, inv)
         q, k, v = qkv(cfg, lp, h, inp.positions, freq, inv)
-        kc = kc.at[layer, flat_slots].set(k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(kc.dtype))
-        vc = vc.at[layer, flat_slots].set(v.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim).astype(vc.dtype))
+        kc = write_kv(kc, layer, flat_slots, k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim))
+        vc = write_kv(vc, layer, flat_slots, v.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim))
         o = attention_fn(cfg, q, kc, vc, layer, inp.block_tables, inp.kv_lens, q_pos, window,
                          page_size=page_size, block_pages=block_pages, batch_invariant=inv)
         o = dense(o.reshape(R, Q, cfg.q_size), lp["wo"], inv)
@@ -315,13 +341,21 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
             m = rms_norm(m, lp["post_mlp_norm"], eps, inv)
         return (x + m, kc, vc), None
 
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kv["k"], kv["v"]), (params["layers"], windows, inv_freq, layers))
-    last = jnp.maximum(inp.q_lens - 1, 0)
-    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [R, D]
-    return lm_head(cfg, params, x_last, inv), {"k": kc, "v": vc}
+    (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kc, vc), (layer_params, windows, inv_freq, layers))
+    return x, kc, vc
+
+
+def write_kv(cache, layer, slots, x):
+    """Write x [T, Hkv, hd] at (layer, slots) of a float cache or an Int8KV (quantized per token and head)."""
+    if isinstance(cache, Int8KV):
+        return cache.write(layer, slots, x)
+    return cache.at[layer, slots].set(x.astype(cache.dtype))
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
+    """{"k", "v"}: float [L, slots, Hkv, hd], or for dtype int8 an Int8KV (int8 values + f32 scales [L, slots, Hkv],
+    the Pallas kernels' k_scales / v_scales layout)."""
     shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    if jnp.dtype(dtype) == jnp.int8:
+        return {"k": Int8KV.zeros(shape), "v": Int8KV.zeros(shape)}
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -39,6 +39,18 @@ class _EngineCollector:
         ]
         for name, doc, key in gauges:
             yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0.0))
+        if "spec_method" in s:  # speculative decoding is on (docs/speculative.md)
+            for name, doc, key in [
+                ("jaxserve_spec_acceptance_rate", "Accepted draft tokens / drafted tokens", "spec_acceptance_rate"),
+                ("jaxserve_spec_mean_accepted_length", "Accepted draft tokens per verified row-step",
+                 "spec_mean_accepted_length"),
+            ]:
+                yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0.0))
+            for name, doc, key in [
+                ("jaxserve_spec_draft_tokens", "Draft tokens proposed", "spec_draft_tokens"),
+                ("jaxserve_spec_accepted_tokens", "Draft tokens accepted", "spec_accepted_tokens"),
+            ]:
+                yield CounterMetricFamily(name, doc, value=float(s.get(key) or 0.0))
         counters = [
             ("jaxserve_generation_tokens", "Tokens generated", "generation_tokens"),
             ("jaxserve_prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)", "prompt_tokens_computed"),

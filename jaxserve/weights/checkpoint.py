@@ -45,7 +45,7 @@ def _to_numpy(tree):
 
 
 def save_converted(out_dir: str, config: ModelConfig, params: dict, tokenizer_json=None,
-                   source: Optional[str] = None) -> None:
+                   source: Optional[str] = None, quant_method: Optional[str] = None) -> None:
     """Write a converted checkpoint into `out_dir` (created; existing params there are overwritten).
 
     Args:
@@ -55,6 +55,7 @@ def save_converted(out_dir: str, config: ModelConfig, params: dict, tokenizer_js
         tokenizer_json: the `tokenizer.json` text, or a `jaxserve.tokenizer.Tokenizer` (then its special ids
             and chat template are saved too), or None. With text only, the meta comes from `config`.
         source: free text recorded in the marker (where the weights came from).
+        quant_method: for quantized params, how they were made ("rtn", "gptq"), recorded in jaxserve_quant.json.
     """
     import orbax.checkpoint as ocp
 
@@ -76,6 +77,17 @@ def save_converted(out_dir: str, config: ModelConfig, params: dict, tokenizer_js
                         "pad_id": config.pad_token_id, "chat_template": config.chat_template}
                 with open(os.path.join(out_dir, "tokenizer_meta.json"), "w") as f:
                     json.dump(meta, f, indent=1)
+        # Quantized leaves (weights/quantize.py) are saved as {"w_q", "scales"} plus a manifest, and rebuilt as
+        # they are on restore: a quantized checkpoint is never re-quantized.
+        from jaxserve.weights.quantize import QUANT_FILE, to_plain
+
+        params, qmeta = to_plain(params, quant_method)
+        qpath = os.path.join(out_dir, QUANT_FILE)
+        if qmeta is not None:
+            with open(qpath, "w") as f:
+                json.dump(qmeta, f, indent=1)
+        elif os.path.exists(qpath):
+            os.remove(qpath)
         _checkpointer().save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(_to_numpy(params)), force=True)
         with open(marker, "w") as f:
             json.dump({"format": FORMAT_VERSION, "source": source, "created": time.time()}, f)
@@ -106,6 +118,17 @@ def load_converted_config(path: str) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: corrupt config ({e})") from None
 
 
+def _numpy_restore_args(params_dir: str):
+    """Restore every array as host numpy, also when it was saved sharded from a mesh of other devices
+    (jaxserve/parallel/checkpoint.py); without this orbax would try to rebuild the saved device layout."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    meta = _checkpointer().metadata(params_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    return ocp.args.PyTreeRestore(restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
 def load_converted_params(path: str, config: Optional[ModelConfig] = None) -> dict:
     """Restore the params pytree (float32 numpy) of a converted directory.
 
@@ -121,7 +144,7 @@ def load_converted_params(path: str, config: Optional[ModelConfig] = None) -> di
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax logs every restore at WARNING/INFO
     try:
-        params = _checkpointer().restore(params_dir)
+        params = _checkpointer().restore(params_dir, args=_numpy_restore_args(params_dir))
     except Exception as e:  # orbax/tensorstore raise assorted types (ValueError, FileNotFoundError, XlaRuntimeError)
         raise CheckpointError(
             f"{params_dir}: cannot restore params, the checkpoint is corrupt or incomplete ({type(e).__name__}: {e})"
@@ -129,6 +152,7 @@ def load_converted_params(path: str, config: Optional[ModelConfig] = None) -> di
     finally:
         absl_log.setLevel(level)
     params = _to_numpy(params)
+    params = _restore_quantized(path, params)
     if config is not None:
         _check_shapes(params_dir, config, params)
     return params
@@ -155,12 +179,28 @@ def expected_shapes(config: ModelConfig) -> dict:
     return out
 
 
+def _restore_quantized(path: str, params: dict) -> dict:
+    from jaxserve.weights.quantize import QUANT_FILE, from_plain
+
+    qpath = os.path.join(path, QUANT_FILE)
+    if not os.path.exists(qpath):
+        return params
+    try:
+        with open(qpath) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{qpath}: corrupt quantization manifest ({e})") from None
+    return from_plain(params, meta, where=path)
+
+
 def _check_shapes(where: str, config: ModelConfig, params: dict) -> None:
     want = expected_shapes(config)
     for key, shape in want.items():
         if key == "layers":
             continue
         got = getattr(params.get(key), "shape", None)
+        if key == "embed" and hasattr(params.get(key), "bits"):  # quantized: stored as the LM head's [D, V]
+            got = tuple(reversed(got))
         if got != shape:
             raise CheckpointError(f"{where}: param {key} has shape {got}, expected {shape} for {config.name}")
     for key, shape in want["layers"].items():
