@@ -279,6 +279,10 @@ def test_default_mesh():
     # One 8-chip TPU VM host / an 8-GPU box: 8-way tensor parallel for 32 heads; Gemma's 4 heads -> 4 x 2 replicas.
     assert default_mesh_spec(llama8b, 8, local_device_count=8) == {"data": 1, "stage": 1, "model": 8}
     assert default_mesh_spec(gemma, 8, local_device_count=8) == {"data": 2, "stage": 1, "model": 4}
-    # A v5e-16 slice (4 hosts x 4 chips): tensor parallel inside a host, data parallel across hosts.
-    assert default_mesh_spec(llama8b, 16, local_device_count=4) == {"data": 4, "stage": 1, "model": 4}
+    # A v5e-16 slice (4 hosts x 4 chips): no data axis across hosts (each process runs every step); the 32
+    # heads take all 16 devices. Gemma's 4 heads leave 4 stages, which do not divide its 18 layers: an error.
+    assert default_mesh_spec(llama8b, 16, local_device_count=4) == {"data": 1, "stage": 1, "model": 16}
+    assert default_mesh_spec(PRESETS["llama2-70b"], 128, local_device_count=8) == {"data": 1, "stage": 2, "model": 64}
+    with pytest.raises(InvalidConfigError, match="explicit mesh"):
+        default_mesh_spec(gemma, 16, local_device_count=4)
     assert default_mesh_spec(gemma, 1, local_device_count=1) == {"data": 1, "stage": 1, "model": 1}

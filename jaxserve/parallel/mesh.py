@@ -128,10 +128,12 @@ def replica_meshes(mesh) -> list:
 def default_mesh_spec(model_cfg, devices=None, local_device_count=None) -> dict:
     """A sensible mesh for the devices at hand.
 
-    Tensor parallelism inside a host (a TPU VM's 4-8 chips or a GPU box's NVLink domain: fast links), as wide
-    as the model allows: the largest divisor of the per-host device count that divides the query heads. Every
-    other device becomes a data-parallel replica (across hosts, where links are slower). No pipeline stages by
-    default: on one slice tensor x data is faster; stages are for models that do not fit one host.
+    One host (a TPU VM's 4-8 chips, a GPU box's NVLink domain): tensor parallelism as wide as the model allows
+    (the largest divisor of the device count that divides the query heads), every other device a data-parallel
+    replica. Several hosts (processes): every process runs every step (SPMD), so a `data` axis across hosts
+    would make each host run every replica (see `replica_meshes`); instead tensor parallelism spans the hosts
+    (a TPU slice's ICI links all its chips) and what the heads leave over becomes pipeline stages, which must
+    divide the layers (else an InvalidConfigError asks for an explicit mesh).
     One CPU device (this machine) gives the single-device mesh.
     """
     import jax
@@ -139,5 +141,14 @@ def default_mesh_spec(model_cfg, devices=None, local_device_count=None) -> dict:
     n = len(jax.devices()) if devices is None else (devices if isinstance(devices, int) else len(devices))
     local = local_device_count or jax.local_device_count()
     local = math.gcd(local, n)
+    if n > local:
+        t = max(d for d in range(1, n + 1) if n % d == 0 and model_cfg.num_heads % d == 0)
+        s = n // t
+        if model_cfg.num_layers % s:
+            raise InvalidConfigError(
+                f"mesh='auto' over {n} devices on {n // local} hosts: {model_cfg.num_heads} query heads allow "
+                f"model={t}, and the remaining {s} pipeline stages do not divide {model_cfg.num_layers} layers; "
+                "pass an explicit mesh (e.g. --mesh stage=S,model=T with S*T devices)")
+        return {"data": 1, "stage": s, "model": t}
     t = max(d for d in range(1, local + 1) if local % d == 0 and model_cfg.num_heads % d == 0)
     return {"data": n // t, "stage": 1, "model": t}
