@@ -32,7 +32,7 @@ class LLM:
             speculative decoding with exact verification (docs/speculative.md).
         random_weights: use random weights for a preset (tests, planning, sharding experiments).
         mesh: None (one device), or `{"data": d, "stage": p, "model": t}` / `"data=1,stage=2,model=4"`:
-            tensor, pipeline and data parallelism over `jax.devices()` (docs/parallel.md).
+            tensor, pipeline and data parallelism over `jax.devices()` (README: "Running on many devices").
         Every other keyword is an `EngineConfig` field (page_size, max_model_len, max_num_seqs,
         kv_cache_bytes, num_pages, scheduler, enable_prefix_caching, attention_impl, dtype, seed, ...).
     """

@@ -20,7 +20,7 @@ from jaxserve.config import PRESETS
 from jaxserve.errors import InvalidConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOGPROB_TOL = 1e-3  # measured: <= 2e-6 (tiny models), see the report in docs/parallel.md
+LOGPROB_TOL = 1e-3  # measured: <= 2e-6 (tiny models), see the README, "Running on many devices"
 
 
 def run_check(*args, timeout=1500) -> dict:

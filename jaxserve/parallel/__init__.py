@@ -1,4 +1,4 @@
-"""Tensor, pipeline and data parallelism on `jax.sharding` meshes (docs/parallel.md).
+"""Tensor, pipeline and data parallelism on `jax.sharding` meshes (README: "Running on many devices").
 
     mesh.py         mesh specs ("data=1,stage=2,model=4"), checks, jax.make_mesh, default meshes
     rules.py        partition rules by parameter name (column / row / vocab parallel, KV over KV heads)

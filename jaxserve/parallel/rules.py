@@ -83,7 +83,7 @@ def shardings(mesh, specs):
 
 
 def describe(cfg: ModelConfig, t: int) -> str:
-    """One line saying what the model axis splits (logged at start-up, quoted in docs/parallel.md)."""
+    """One line saying what the model axis splits (logged at start-up, quoted in the README)."""
     q_ok, kv_ok = attention_split(cfg, t)
     parts = [f"query heads {cfg.num_heads}/{t}" if q_ok else "attention replicated",
              f"KV heads {cfg.num_kv_heads}/{t}" if kv_ok else "KV heads replicated",
