@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("parallelism (README: "Running on many devices")")
+    g = p.add_argument_group("parallelism (README: Running on many devices)")
     g.add_argument("--mesh", default=None, metavar="data=D,stage=P,model=T",
                    help="device mesh over jax.devices(): data-parallel replicas x pipeline stages x tensor "
                         "parallel (missing axes are 1; 'auto' picks one for the devices at hand)")
