@@ -43,13 +43,6 @@ from jaxserve.speculative.proposers import NgramProposer, Proposer
 log = logging.getLogger("jaxserve")
 
 
-def _next_in(ladder, n):
-    for v in ladder:
-        if v >= n:
-            return v
-    return None
-
-
 class Speculator:
     """Owns every decode step of an engine built with `speculative=...`: asks the adaptive controller for k per
     row, the proposer for drafts, runs one verify program (or the plain decode program when no row drafts) and
