@@ -107,10 +107,11 @@ def test_controller_switches_off_and_probes():
     for _ in range(10):  # a request whose drafts are always accepted: full k
         c.observe(1, 4, 4)
     assert c.plan([1], 1, 0.0) == [4]
-    for _ in range(10):  # always rejected: off, except a probe every 5 steps
+    for _ in range(10):  # always rejected: off, except probes after 5, then 10, then 20 steps (backoff)
         c.observe(2, 4, 0)
-    plans = [c.plan([2], 1, 0.0)[0] for _ in range(10)]
-    assert plans.count(0) == 8 and plans.count(4) == 2
+    plans = [c.plan([2], 1, 0.0)[0] for _ in range(35)]
+    assert [i for i, k in enumerate(plans) if k] == [4, 14, 34]
+    assert c.plan([1], 1, 0.0) == [4] and c.probe_interval == 5  # a request that pays resets the backoff
     # a draft costing as much as a decode step per token: k shrinks
     c.observe_cost("verify", 1, 1.0, init=True)
     for _ in range(10):
@@ -118,6 +119,21 @@ def test_controller_switches_off_and_probes():
     k = c.plan([3], 1, 0.05)[0]
     assert 1 <= k < 4
     assert AdaptiveController(4, enabled=False).plan([9], 1, 0.0) == [4]
+
+
+def test_controller_new_requests_start_from_the_global_acceptance():
+    c = AdaptiveController(4, min_speedup=1.0, probe_every=5)
+    c.observe_cost("decode", 1, 1.0, init=True)
+    c.observe_cost("verify", 1, 1.5, init=True)
+    assert c.plan([1], 1, 0.0) == [4]  # nothing seen yet: the optimistic prior tries speculation
+    for sid in range(2, 6):  # requests whose drafts were all rejected
+        for _ in range(5):
+            c.observe(sid, 4, 0)
+    assert c.global_acceptance() < 0.05
+    assert c.plan([99], 1, 0.0) == [0]  # a new request starts with speculation off
+    for _ in range(20):  # drafts start paying again (another kind of text): new requests follow
+        c.observe(7, 4, 4)
+    assert c.plan([100], 1, 0.0) == [4]
 
 
 # ------------------------------------------------------------------------------------------------ exactness
