@@ -198,30 +198,13 @@ class ModelRunner:
         """
         R, Q = bucket
         n = len(rows)
-        ps = self.page_size
-        tokens = np.zeros((R, Q), np.int32)
-        positions = np.zeros((R, Q), np.int32)
-        q_lens = np.zeros((R,), np.int32)
-        kv_lens = np.zeros((R,), np.int32)
-        block_tables = np.zeros((R, self.P), np.int32)
-        slots = np.zeros((R, Q), np.int32)  # page 0 slot 0: the null page absorbs padding writes
-        for i, row in enumerate(rows):
-            seq, start, m = row.seq, row.start, row.num_new
-            toks = seq.all_token_ids
-            bt = row.block_table
-            tokens[i, :m] = toks[start:start + m]
-            pos = np.arange(start, start + m, dtype=np.int32)
-            positions[i, :m] = pos
-            q_lens[i] = m
-            kv_lens[i] = start + m
-            block_tables[i, :len(bt)] = bt
-            bt_arr = block_tables[i]
-            slots[i, :m] = bt_arr[pos // ps] * ps + pos % ps
+        inp = self.step_inputs(R, Q, [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start,
+                                       row.block_table) for row in rows])
         st = self._sampling_arrays(rows, R)
         prog = self._programs.get(bucket)
         if prog is None:
             raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(self._programs)}")
-        inputs = (StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots), SamplingTensors(**st))
+        inputs = (inp, SamplingTensors(**st))
         if self.placement is not None:
             inputs = self.placement.put_inputs(inputs)
         before = compile_count()
@@ -231,10 +214,30 @@ class ModelRunner:
             raise CompileWhileServingError("an XLA compilation happened while serving")
         return tuple(a[:n] for a in out)
 
+    def step_inputs(self, R: int, Q: int, entries) -> StepInputs:
+        """Host arrays of one (R, Q) step. `entries`: per real row, (token ids of its new positions, position of
+        the first, block table). Padding rows and positions write to page 0 slot 0, the null page."""
+        ps = self.page_size
+        tokens = np.zeros((R, Q), np.int32)
+        positions = np.zeros((R, Q), np.int32)
+        q_lens = np.zeros((R,), np.int32)
+        kv_lens = np.zeros((R,), np.int32)
+        block_tables = np.zeros((R, self.P), np.int32)
+        slots = np.zeros((R, Q), np.int32)
+        for i, (toks, start, bt) in enumerate(entries):
+            m = len(toks)
+            tokens[i, :m] = toks
+            pos = np.arange(start, start + m, dtype=np.int32)
+            positions[i, :m] = pos
+            q_lens[i] = m
+            kv_lens[i] = start + m
+            block_tables[i, :len(bt)] = bt
+            slots[i, :m] = block_tables[i][pos // ps] * ps + pos % ps
+        return StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots)
+
     def _sampling_arrays(self, rows: list, R: int) -> dict:
         params, hist, out_start, steps, seeds, banned = [], [], [], [], [], []
-        need_hist = any(r.seq.params.repetition_penalty != 1.0 or r.seq.params.presence_penalty != 0.0
-                        or r.seq.params.frequency_penalty != 0.0 for r in rows)
+        need_hist = any(r.seq.params.uses_history for r in rows)
         for r in rows:
             s = r.seq
             params.append(s.params)

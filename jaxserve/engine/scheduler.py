@@ -42,7 +42,8 @@ class SchedulerOutput:
     preempted: list = field(default_factory=list)
 
 
-def _next_pow2_in(ladder, n):
+def bucket_for(ladder, n):
+    """The smallest bucket of a sorted ladder that holds `n` (None if none does)."""
     for v in ladder:
         if v >= n:
             return v
@@ -172,7 +173,7 @@ class Scheduler:
             nonlocal q_bucket, max_rows
             remaining = seq.num_uncomputed
             if q_bucket is None:
-                q_bucket = _next_pow2_in(self.q_ladder, min(remaining, budget))
+                q_bucket = bucket_for(self.q_ladder, min(remaining, budget))
                 max_rows = max(r for r, q in self.prefill_ladder if q == q_bucket)
             if len(rows) >= max_rows:
                 return False
@@ -212,7 +213,7 @@ class Scheduler:
                     break
         if not rows:
             return None
-        r_bucket = _next_pow2_in([r for r, q in self.prefill_ladder if q == q_bucket], len(rows))
+        r_bucket = bucket_for([r for r, q in self.prefill_ladder if q == q_bucket], len(rows))
         return SchedulerOutput("prefill", rows, (r_bucket, q_bucket))
 
     def _make_room_for(self, seq: Sequence, preempted: list, rows: list, need_pages: bool = False) -> bool:
@@ -248,4 +249,4 @@ class Scheduler:
         width = len(rows)
         if self.mode == "static":  # the batch holds its slots until its last sequence finishes
             width = min(max(width, self._static_batch), self.decode_ladder[-1])
-        return SchedulerOutput("decode", rows, (_next_pow2_in(self.decode_ladder, width), 1))
+        return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1))

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from jaxserve.engine.scheduler import bucket_for
 from jaxserve.errors import InvalidConfigError
 from jaxserve.sampling_params import SamplingParams
 
@@ -128,13 +129,6 @@ class _Row:
     block_table: list
 
 
-def _next_in(ladder, n):
-    for v in ladder:
-        if v >= n:
-            return v
-    return None
-
-
 def self_draft_model(model_cfg, params, num_layers: Optional[int]):
     """(config, params) of the target's first `num_layers` layers + final norm + LM head; the embedding, norm and
     head arrays are the target's own (no copy), the layer slices are small."""
@@ -206,7 +200,7 @@ class ModelDraftProposer(Proposer):
         return min(dc, seq.num_computed_tokens)
 
     def _run(self, rows: list, Q: int) -> list:
-        R = _next_in(self.decode_ladder if Q <= 2 else [r for r, q in self.prefill_ladder if q == Q], len(rows))
+        R = bucket_for(self.decode_ladder if Q <= 2 else [r for r, q in self.prefill_ladder if q == Q], len(rows))
         toks, _, _, _ = self.runner.execute("draft", rows, (R, Q))
         return [int(t) for t in toks]
 
@@ -222,7 +216,7 @@ class ModelDraftProposer(Proposer):
             if not todo:
                 return
             need = max(s.num_tokens - 2 - dc for s, _, dc in todo)
-            Q = _next_in(self.q_ladder, need) or self.q_ladder[-1]
+            Q = bucket_for(self.q_ladder, need) or self.q_ladder[-1]
             max_r = max(r for r, q in self.prefill_ladder if q == Q)
             rows = []
             for s, bt, dc in todo[:max_r]:

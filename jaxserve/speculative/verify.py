@@ -179,30 +179,14 @@ class Speculator:
     def _verify(self, rows: list, drafts: list, R: int):
         r = self.runner
         Q = self.Q
-        ps = r.page_size
-        tokens = np.zeros((R, Q), np.int32)
-        positions = np.zeros((R, Q), np.int32)
-        q_lens = np.zeros((R,), np.int32)
-        kv_lens = np.zeros((R,), np.int32)
-        block_tables = np.zeros((R, r.P), np.int32)
-        slots = np.zeros((R, Q), np.int32)
+        # each row feeds its last emitted token (whose KV is not written yet) and its drafts
+        inp = r.step_inputs(R, Q, [([row.seq.all_token_ids[-1]] + list(d), row.seq.num_tokens - 1, row.block_table)
+                                   for row, d in zip(rows, drafts)])
         params, hist, out_start, steps, seeds, banned = [], [], [], [], [], []
-        need_hist = any(row.seq.params.repetition_penalty != 1.0 or row.seq.params.presence_penalty != 0.0
-                        or row.seq.params.frequency_penalty != 0.0 for row in rows)
-        for i, (row, d) in enumerate(zip(rows, drafts)):
+        need_hist = any(row.seq.params.uses_history for row in rows)
+        for row, d in zip(rows, drafts):
             s = row.seq
             n0 = s.num_tokens
-            toks = [s.all_token_ids[-1]] + list(d)
-            m = len(toks)
-            start = n0 - 1
-            tokens[i, :m] = toks
-            pos = np.arange(start, start + m, dtype=np.int32)
-            positions[i, :m] = pos
-            q_lens[i] = m
-            kv_lens[i] = start + m
-            bt = row.block_table
-            block_tables[i, :len(bt)] = bt
-            slots[i, :m] = block_tables[i][pos // ps] * ps + pos % ps
             full = s.all_token_ids + list(d) if need_hist else None
             n_out = len(s.output_token_ids)
             for j in range(Q):  # position j samples output token n_out + j given prefix + d_1..d_j
@@ -218,8 +202,7 @@ class Speculator:
         if prog is None:
             raise CompileWhileServingError(f"no compiled verify program for {R} rows; have {sorted(self._programs)}")
         before = compile_count()
-        res, r.kv = prog(r.params, r.kv, StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots),
-                         SamplingTensors(**st))
+        res, r.kv = prog(r.params, r.kv, inp, SamplingTensors(**st))
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving (verify step)")
