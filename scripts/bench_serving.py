@@ -613,6 +613,18 @@ def print_report(res: dict) -> None:
         print(f"bound from decode steps alone (offline): static {b['static_decode_steps']} steps, continuous >= "
               f"{b['continuous_decode_steps_min']} -> continuous/static <= {b['ratio_bound']:.2f}x "
               "(prefill, paid in full by both, lowers the reachable ratio)")
+    rp, ce = res.get("offline_replay"), res.get("offline_ceiling")
+    if rp:
+        measured = {r["scheduler"]: r["engine"]["decode_steps"] for r in res["runs"] if r["mode"] == "offline"}
+        print(f"scheduler replay (no model): continuous {rp['continuous']['decode_steps']} decode steps "
+              f"(measured {measured.get('continuous')}), static {rp['static']['decode_steps']} "
+              f"(measured {measured.get('static')}); continuous decode buckets {rp['continuous']['decode_buckets']}")
+    if ce:
+        print(f"ceiling on measured step costs: a full {res['runs'][0]['max_num_seqs']}-row decode step takes "
+              f"{ce['full_decode_step_s'] * 1e3:.0f} ms; with every continuous decode step full, continuous would "
+              f"take {ce['continuous_prefill_s']:.1f} s prefill + {ce['ideal_continuous_decode_s']:.1f} s decode "
+              f"(measured {ce['continuous_decode_s']:.1f} s) against static's {ce['static_s']:.1f} s: "
+              f"continuous/static <= {ce['ceiling']:.2f}x")
     if res.get("hf_ratio"):
         print(f"jaxserve continuous / HF output tok/s on the HF requests: {res['hf_ratio']:.2f}x")
     if res.get("sweep"):
@@ -662,6 +674,73 @@ def decode_step_bound(output_lens: Sequence[int], max_num_seqs: int) -> dict:
     continuous = max(-(-sum(ol) // max_num_seqs), max(ol))
     return {"static_decode_steps": static, "continuous_decode_steps_min": continuous,
             "ratio_bound": static / continuous}
+
+
+def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int, max_len: int, scheduler: str) -> dict:
+    """The steps an offline run of `reqs` takes, from the engine's own Scheduler and BlockManager with no model.
+
+    Every request arrives at once (the offline mode); each scheduled row "computes" its tokens and a row that
+    reaches the end of its known tokens emits one, until `output_len` (greedy with `ignore_eos` emits exactly
+    that many). Which sequence runs in which step depends only on lengths, so the counts equal a real run's
+    (checked by tests/test_bench_serving.py); the difference is that this takes milliseconds. It separates what
+    the schedule costs (e.g. continuous batching's first-come-first-served order starting the longest request
+    late) from what executing each step costs.
+    """
+    from jaxserve.engine.block_manager import BlockManager
+    from jaxserve.engine.request import Priority, Sequence as Seq, Status
+    from jaxserve.engine.scheduler import Scheduler
+    from jaxserve.sampling_params import SamplingParams
+
+    cfg = dataclasses.replace(engine_config, scheduler=scheduler)
+    bm = BlockManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
+    sch = Scheduler(cfg, bm, mode=scheduler)
+    for i, r in enumerate(reqs):
+        seq = Seq(i, str(i), 0, r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True), 0,
+                  Priority.INTERACTIVE, (), max_len)
+        sch.add(seq)
+    out = {"prefill_steps": 0, "decode_steps": 0, "decode_rows": 0, "prefill_padded_tokens": 0,
+           "decode_buckets": {}}
+    while sch.has_work():
+        step = sch.schedule()
+        if step is None:
+            raise RuntimeError("the scheduler stalled with work left")
+        R, Q = step.bucket
+        if step.kind == "prefill":
+            out["prefill_steps"] += 1
+            out["prefill_padded_tokens"] += R * Q
+        else:
+            out["decode_steps"] += 1
+            out["decode_rows"] += len(step.rows)
+            out["decode_buckets"][R] = out["decode_buckets"].get(R, 0) + 1
+        for row in step.rows:
+            seq = row.seq
+            seq.num_computed_tokens = row.start + row.num_new
+            if row.samples:
+                seq.output_token_ids.append(0)
+                if len(seq.output_token_ids) >= seq.max_tokens:
+                    seq.status = Status.FINISHED
+            bm.commit_computed(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+            if seq.finished:
+                sch.finish(seq)
+    out["decode_buckets"] = {str(k): v for k, v in sorted(out["decode_buckets"].items())}
+    return out
+
+
+def offline_ceiling(cont: dict, stat: dict, output_tokens: int, max_num_seqs: int) -> dict:
+    """The most continuous batching could gain over static on this run's measured step costs.
+
+    Static batching runs every decode step at the full `max_num_seqs` bucket, so its decode seconds per step is
+    the measured cost of a full step; per row that is the cheapest decode there is here (smaller buckets cost
+    more per row). With every continuous decode step full, continuous would spend output_tokens / max_num_seqs
+    full steps decoding, plus the prefill it measured. Static's measured wall time over that is the ceiling.
+    """
+    full_step_s = stat["engine"]["decode_s"] / max(1, stat["engine"]["decode_steps"])
+    ideal_decode_s = output_tokens / max_num_seqs * full_step_s
+    cont_prefill_s = cont["engine"]["prefill_s"]
+    return {"full_decode_step_s": full_step_s, "ideal_continuous_decode_s": ideal_decode_s,
+            "continuous_prefill_s": cont_prefill_s, "continuous_decode_s": cont["engine"]["decode_s"],
+            "static_s": stat["summary"]["duration_s"],
+            "ceiling": stat["summary"]["duration_s"] / (cont_prefill_s + ideal_decode_s)}
 
 
 def workload_stats(reqs: Sequence[BenchRequest]) -> dict:
@@ -787,6 +866,7 @@ def main(argv=None) -> int:
     arrivals = poisson_arrivals(len(reqs), args.rate, seed=spec.seed + 1)
     res["poisson_arrivals_s"] = arrivals
     desc_cont = describe_engine(llm, args.model)
+    replay_setup = (llm.engine_config, llm.engine.num_pages, llm.engine.max_model_len)
     log(f"continuous engine ready (startup {desc_cont['startup_s']:.1f}s); corpus {len(corpus)} tokens; "
         f"{len(reqs)} requests, {res['workload']['output_tokens_total']} output tokens")
     warm_up(llm, corpus)
@@ -903,6 +983,11 @@ def main(argv=None) -> int:
                 s = results_by[(mode, "static")]["summary"]["output_tok_per_cpu_s"]
                 res["ratios_cpu"] = {**res.get("ratios_cpu", {}), mode: c / s}
         res["offline_ratio_bound"] = decode_step_bound([r.output_len for r in reqs], args.max_num_seqs)
+        if ("offline", "static") in results_by:
+            res["offline_replay"] = {m: replay_schedule(reqs, *replay_setup, m) for m in ("continuous", "static")}
+            res["offline_ceiling"] = offline_ceiling(results_by[("offline", "continuous")],
+                                                     results_by[("offline", "static")],
+                                                     res["workload"]["output_tokens_total"], args.max_num_seqs)
         save()
 
     for b in args.sweep:

@@ -183,6 +183,19 @@ def test_run_workload_tiny_offline_poisson_static():
     assert st["engine"]["max_running"] <= TINY_KW["max_num_seqs"]
     # Same work, same tokens, whatever the scheduler.
     assert st["summary"]["output_tokens"] == off["summary"]["output_tokens"]
+    # The host-only replay of the scheduler takes exactly the steps the real runs took.
+    setup = (llm.engine_config, llm.engine.num_pages, llm.engine.max_model_len)
+    for run, mode in ((off, "continuous"), (st, "static")):
+        rp = bs.replay_schedule(reqs, *setup, mode)
+        for k in ("prefill_steps", "decode_steps", "decode_rows"):
+            assert rp[k] == run["engine"][k], (mode, k, rp[k], run["engine"][k])
+        assert sum(rp["decode_buckets"].values()) == rp["decode_steps"]
+        assert rp["prefill_padded_tokens"] >= run["engine"]["prefill_tokens"]
+    ce = bs.offline_ceiling(off, st, off["summary"]["output_tokens"], TINY_KW["max_num_seqs"])
+    full = st["engine"]["decode_s"] / st["engine"]["decode_steps"]
+    assert ce["full_decode_step_s"] == pytest.approx(full)
+    assert ce["ceiling"] == pytest.approx(st["summary"]["duration_s"] / (
+        off["engine"]["prefill_s"] + off["summary"]["output_tokens"] / TINY_KW["max_num_seqs"] * full))
     for run in (off, poi, st):  # this process's CPU time over the run, and tokens per CPU-second from it
         s = run["summary"]
         assert s["cpu_s"] > 0 and s["output_tok_per_cpu_s"] == pytest.approx(s["output_tokens"] / s["cpu_s"])
