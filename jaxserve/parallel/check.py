@@ -110,7 +110,8 @@ def jax_params_sharding(llm):
     runner = llm.engine.runner
     r0 = getattr(runner, "runners", [runner])[0]
     try:
-        return str(r0.params["layers"]["wq"].sharding.spec)
+        wq = r0.params["layers"]["wq"]
+        return str(getattr(wq, "w_q", wq).sharding.spec)  # a quantized weight: its value array
     except Exception:
         return None
 

@@ -4,9 +4,9 @@
 
 1. the mesh spec is checked against `jax.devices()` and the model (jaxserve errors on a bad one);
 2. the mesh is cut into `d` disjoint (stage, model) sub-meshes, one per replica;
-3. weights go straight into each replica's shardings: a converted (orbax) directory is restored shard by shard
-   (`parallel/checkpoint.py`, no full host copy); other sources are loaded on the host once and each device
-   receives its slices;
+3. weights go straight into each replica's shardings: a converted (orbax) float directory is restored shard by
+   shard (`parallel/checkpoint.py`, no full host copy); other sources, and quantized serving (int8 / int4 /
+   GPTQ weights, quantized on the host first), are loaded on the host once and each device receives its slices;
 4. each replica is a normal `LLMEngine` (its own scheduler, block manager and KV cache) whose runner has a
    `Placement`; with `d > 1` a `DataParallelEngine` routes requests to them.
 """
@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from typing import Optional
 
 from jaxserve.config import EngineConfig
-from jaxserve.errors import InvalidConfigError, InvalidPromptError
+from jaxserve.errors import InvalidPromptError
+from jaxserve.weights.quantize import QUANT_FILE
 
 log = logging.getLogger("jaxserve")
 
@@ -40,9 +42,12 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
     auto = isinstance(mesh_spec, str) and mesh_spec.strip().lower() == "auto"
     if not auto:
         spec = resolve_mesh_spec(mesh_spec, len(devices))  # a bad mesh fails before any weights load
-    if getattr(engine_cfg, "quantization", None) is not None:
-        raise InvalidConfigError("quantization is not supported together with a mesh yet; drop one of them")
-    sharded_restore = is_converted(model) and not random_weights
+    quantization = getattr(engine_cfg, "quantization", None)
+    # A converted float checkpoint is restored by orbax straight into the mesh's shardings. Quantized serving
+    # (quantization=..., or a checkpoint converted with --quant) goes through the host copy instead: quantize
+    # (or calibrate) there, then place shard by shard like any host params.
+    sharded_restore = (is_converted(model) and not random_weights and quantization is None
+                       and not os.path.exists(os.path.join(model, QUANT_FILE)))
     if sharded_restore:
         from jaxserve.parallel.checkpoint import load_config_and_tokenizer
 
@@ -61,6 +66,10 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
         spec = resolve_mesh_spec(default_mesh_spec(model_cfg, devices), len(devices))
     check_model_fits_mesh(model_cfg, spec)
     tokenizer = tokenizer or tok
+    if quantization is not None and host_params is not None:  # docs/quantization.md
+        from jaxserve.weights.calibrate import quantize_for_engine
+
+        host_params = quantize_for_engine(host_params, model_cfg, engine_cfg, tokenizer)
     mesh = make_mesh(spec, devices)
     num_pages = engine_cfg.num_pages
     if num_pages is None:

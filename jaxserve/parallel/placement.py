@@ -14,6 +14,7 @@ single-device path untouched. With one:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 from jaxserve.parallel import rules
+from jaxserve.weights.quantize import Int8KV, is_quantized
 
 log = logging.getLogger("jaxserve")
 
@@ -60,7 +62,7 @@ class Placement:
         """Host (numpy) or global params -> global arrays in this placement's layout, in `dtype` (floats)."""
         shard = self.param_shardings(params)
 
-        def put(a, s):
+        def put(a, s, dtype=dtype):
             if isinstance(a, jax.Array) and a.sharding == s and a.dtype == dtype:
                 return a  # already placed (orbax restore)
             if isinstance(a, jax.Array) and not a.is_fully_addressable:
@@ -70,19 +72,37 @@ class Placement:
             # Each device receives only its slice of the host array.
             return jax.make_array_from_callback(host.shape, s, lambda idx: np.asarray(host[idx], dtype=dt))
 
-        return jax.tree.map(put, params, shard)
+        def put_leaf(a, s):
+            if not is_quantized(a):
+                return put(a, s)
+            # Quantized weights keep their own dtypes (int8 / packed uint8 values, f32 scales) as on one device,
+            # and drop the CPU column-chunk loop: a lax.map over sharded columns would gather them; the plain
+            # dequantize-and-dot partitions like a float matmul.
+            return dataclasses.replace(a, w_q=put(a.w_q, s.w_q, a.w_q.dtype),
+                                       scales=put(a.scales, s.scales, a.scales.dtype), chunk=None)
+
+        return jax.tree.map(put_leaf, params, shard, is_leaf=is_quantized)
 
     def init_kv(self, num_pages: int, page_size: int, dtype) -> dict:
+        """The KV cache created already sharded. int8: an `Int8KV` (values + per token-and-head scales, the
+        scales laid out like the values without their last axis)."""
         c = self.cfg
         shape = (c.num_layers, num_pages * page_size, c.num_kv_heads, c.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)
-        return {"k": zeros(), "v": zeros()}
+        if jnp.dtype(dtype) == jnp.int8:
+            s_sh = NamedSharding(self.mesh, P(*tuple(self.kv_sharding.spec)[:-1]))
+            self.kv_shardings = Int8KV(self.kv_sharding, s_sh)
+            make = jax.jit(lambda: Int8KV.zeros(shape), out_shardings=self.kv_shardings)
+        else:
+            self.kv_shardings = self.kv_sharding
+            make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)
+        return {"k": make(), "v": make()}
 
     # ------------------------------------------------------------------ programs
     def jit(self, step_fn, params):
         """The runner's step under jit with this placement's shardings (KV donated)."""
         p_sh = jax.tree.map(lambda a: a.sharding, params)
-        kv_sh = {"k": self.kv_sharding, "v": self.kv_sharding}
+        kv_one = getattr(self, "kv_shardings", self.kv_sharding)
+        kv_sh = {"k": kv_one, "v": kv_one}
         return jax.jit(step_fn, donate_argnums=(1,), in_shardings=(p_sh, kv_sh, self.replicated, self.replicated),
                        out_shardings=(self.replicated, kv_sh))
 
@@ -108,13 +128,18 @@ def full_matrix_shapes(params) -> set:
     """Shapes of every whole weight matrix (embedding, LM head, one layer's projection, or a whole stacked
     projection): an all-gather producing one of them means a device materialised a whole weight."""
     shapes = set()
+    def arrays(a):  # a float weight, or a quantized one as its logical shape and its packed value array
+        return [a.shape, a.w_q.shape] if is_quantized(a) else [a.shape]
+
     for k in ("embed", "lm_head"):
         if k in params:
-            shapes.add(tuple(params[k].shape))
-            shapes.add(tuple(params[k].shape[::-1]))
+            for s in arrays(params[k]):
+                shapes.add(tuple(s))
+                shapes.add(tuple(s)[::-1])
     for k in MATMUL_WEIGHTS:
         a = params["layers"].get(k)
         if a is not None:
-            shapes.add(tuple(a.shape))
-            shapes.add(tuple(a.shape[1:]))
+            for s in arrays(a):
+                shapes.add(tuple(s))
+                shapes.add(tuple(s)[1:])
     return shapes

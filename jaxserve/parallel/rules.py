@@ -21,9 +21,12 @@ The leading layer axis is split over `stage` only by the pipeline (parallel/pipe
 
 from __future__ import annotations
 
+import dataclasses
+
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
+from jaxserve.weights.quantize import Int8Weight, is_quantized
 
 
 def _div(n: int, t: int) -> bool:
@@ -61,13 +64,33 @@ def param_specs(cfg: ModelConfig, params: dict, t: int, stage_axis=None) -> dict
         if k == "layers":
             out[k] = {n: layer_rules.get(n, P(S, *([None] * (len(a.shape) - 1))))
                       for n, a in v.items()}
+            out[k] = {n: quantized_spec(a, out[k][n]) if is_quantized(a) else out[k][n] for n, a in v.items()}
+        elif k == "embed" and is_quantized(v):  # stored as the LM head's [D, V] (weights/quantize.py)
+            out[k] = quantized_spec(v, P(None, M if v_ok else None))
         elif k == "embed":
             out[k] = P(M if v_ok else None, None)
         elif k == "lm_head":
             out[k] = P(None, M if v_ok else None)
+            if is_quantized(v):
+                out[k] = quantized_spec(v, out[k])
         else:
             out[k] = P(*([None] * len(v.shape)))
     return out
+
+
+def quantized_spec(w, spec: P):
+    """The specs of a quantized weight (weights/quantize.py) whose float [..., K, N] form would get `spec`.
+
+    int8: `w_q` [..., K, N] as the float weight, per-column `scales` [..., N] split with N. int4: `w_q`
+    [..., K/2, N] splits N like the float weight, and K (row-parallel wo / w_down) as whole packed rows: a
+    packed row holds weight rows i and K/2 + i, so a device's share of K is two runs of rows that the partitioner
+    matches to the activations (moving activations, never weights). Group `scales` [..., K/g, N] split with N
+    and stay whole along K (K/g rows: small).
+    """
+    *lead, k_ax, n_ax = tuple(spec)
+    if isinstance(w, Int8Weight):
+        return dataclasses.replace(w, w_q=P(*lead, k_ax, n_ax), scales=P(*lead, n_ax))
+    return dataclasses.replace(w, w_q=P(*lead, k_ax, n_ax), scales=P(*lead, None, n_ax))
 
 
 def kv_spec(cfg: ModelConfig, t: int, stage_axis=None) -> P:
