@@ -53,13 +53,15 @@ class LLM:
             from jaxserve.speculative import SpeculativeConfig
 
             speculative = SpeculativeConfig.parse(speculative)
-            if mesh is not None:
-                raise InvalidConfigError("speculative decoding does not support mesh= (one device only) yet")
+            if mesh is not None and speculative.method != "ngram":
+                raise InvalidConfigError(f"on a mesh, speculative decoding supports method 'ngram' only; got "
+                                         f"{speculative.method!r} (its draft model runs on one device)")
         if mesh is not None:  # tensor / pipeline / data parallel over jax.devices(): jaxserve/parallel/
             from jaxserve.parallel.engine import build_parallel_engine
 
             self.engine, self.model_config, self.tokenizer, _ = build_parallel_engine(
-                model, mesh, self.engine_config, random_weights=random_weights, tokenizer=tokenizer)
+                model, mesh, self.engine_config, random_weights=random_weights, tokenizer=tokenizer,
+                speculative=speculative)
             t_load = time.monotonic()
         else:
             resolved = resolve_model(model, random_weights=random_weights, seed=self.engine_config.seed)

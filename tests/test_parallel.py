@@ -268,6 +268,31 @@ def test_quantized_layouts_match_single_device():
     assert_layouts(res, ("model=2",), KV_INT8_LOGPROB_TOL)
 
 
+SPEC_NGRAM = {"method": "ngram", "num_tokens": 3, "adaptive": False}
+
+
+def test_ngram_speculation_on_a_tensor_parallel_mesh():
+    """n-gram speculation with the target sharded (model=2, model=4): the verify programs run through the
+    placement's shardings; same greedy tokens as single-device speculation, drafts proposed and accepted."""
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], [12, 13, 14, 12, 13, 14, 12, 13], list(range(20, 38)) + [20, 21, 22]]
+    tp = ("model=2", "model=4")
+    res = run_check("--model", "tiny-llama", "--max-tokens", "10", *sum((["--mesh", m] for m in tp), []),
+                    "--speculative", json.dumps(SPEC_NGRAM), "--prompts", json.dumps(prompts))
+    assert_layouts(res, tp)
+    for spec in tp:
+        m = res["layouts"][spec]["spec"]
+        assert m["spec_verify_steps"] > 0 and m["spec_accepted_tokens"] > 0, (spec, m)
+
+
+def test_speculation_on_a_mesh_rejects_what_it_cannot_run():
+    from jaxserve import LLM
+
+    with pytest.raises(InvalidConfigError, match="ngram"):
+        LLM("tiny-llama", random_weights=True, mesh="model=1", speculative={"method": "self", "num_layers": 1})
+    with pytest.raises(InvalidConfigError, match="single tensor-parallel replica"):
+        LLM("tiny-llama", random_weights=True, mesh="stage=2", speculative=SPEC_NGRAM)
+
+
 @pytest.mark.slow
 def test_gemma3_270m_quantized_layouts_match_single_device():
     """Gemma 3 270M, int8 weights + int8 KV (model=2, stage=2 x model=2) and int4 weights (model=4): the same
@@ -279,6 +304,16 @@ def test_gemma3_270m_quantized_layouts_match_single_device():
     res = run_check("--model", "gemma3-270m", "--max-tokens", "6", "--mesh", "model=4",
                     "--engine-kw", json.dumps({"quantization": "int4"}), timeout=3600)
     assert_layouts(res, ("model=4",))
+
+
+@pytest.mark.slow
+def test_gemma3_270m_ngram_speculation_on_a_mesh():
+    prompts = ["1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n"]
+    res = run_check("--model", "gemma3-270m", "--max-tokens", "12", "--mesh", "model=2", "--speculative",
+                    json.dumps(SPEC_NGRAM), "--prompts", json.dumps(prompts), timeout=3600)
+    assert_layouts(res, ("model=2",))
+    m = res["layouts"]["model=2"]["spec"]
+    assert m["spec_accepted_tokens"] >= 6, m  # predictable text: most drafts accepted
 
 
 @pytest.mark.slow

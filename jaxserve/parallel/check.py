@@ -52,7 +52,7 @@ def hlo_report(llm) -> dict:
 
 
 def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hlo: bool = True,
-                checkpoint_dir=None) -> dict:
+                checkpoint_dir=None, speculative=None) -> dict:
     from jaxserve import LLM, SamplingParams
 
     # Different lengths, more prompts than decode rows (max_num_seqs=2): requests finish at different steps and
@@ -72,6 +72,8 @@ def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hl
     t = time.monotonic()
     if meshes and meshes[0] == "single":
         meshes = meshes[1:]
+    if speculative is not None:
+        kw = dict(kw, speculative=speculative)
     ref = LLM(model, random_weights=random_weights, **kw)
     ref_toks, ref_lps = gen(ref)
     result["single"] = {"tokens": ref_toks, "seconds": round(time.monotonic() - t, 1)}
@@ -95,6 +97,9 @@ def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hl
         diff = max((abs(a - b) for ra, rb in zip(lps, ref_lps) for a, b in zip(ra, rb)), default=0.0)
         entry = {"tokens": toks, "equal": toks == ref_toks, "max_abs_logprob_diff": diff,
                  "seconds": round(time.monotonic() - t, 1)}
+        if speculative is not None:
+            m = llm.get_metrics()
+            entry["spec"] = {k: m.get(k) for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")}
         if hlo:
             entry["hlo"] = hlo_report(llm)
         p0 = jax_params_sharding(llm)
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
     ap.add_argument("--engine-kw", default=None, help="JSON dict overriding the small engine settings")
+    ap.add_argument("--speculative", default=None, help="JSON speculative config for every engine (ngram)")
     args = ap.parse_args(argv)
 
     flags = os.environ.get("XLA_FLAGS", "")
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
     else:
         prompts = GEMMA_PROMPTS if not args.model.startswith("tiny-") else DEFAULT_PROMPTS
     res = run_layouts(args.model, args.mesh, prompts, args.max_tokens, kw, hlo=not args.no_hlo,
-                      checkpoint_dir=args.checkpoint_dir)
+                      checkpoint_dir=args.checkpoint_dir,
+                      speculative=json.loads(args.speculative) if args.speculative else None)
     res["devices"] = jax.device_count()
     res["processes"] = jax.process_count()
     if jax.process_index() == 0:

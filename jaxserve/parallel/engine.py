@@ -20,15 +20,16 @@ import time
 from typing import Optional
 
 from jaxserve.config import EngineConfig
-from jaxserve.errors import InvalidPromptError
+from jaxserve.errors import InvalidConfigError, InvalidPromptError
 from jaxserve.weights.quantize import QUANT_FILE
 
 log = logging.getLogger("jaxserve")
 
 
 def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, random_weights: bool = False,
-                          tokenizer=None, devices=None):
-    """-> (engine, model_config, tokenizer, seconds spent loading weights)."""
+                          tokenizer=None, devices=None, speculative=None):
+    """-> (engine, model_config, tokenizer, seconds spent loading weights). `speculative`: n-gram speculation
+    (a SpeculativeConfig or dict) on a single tensor-parallel replica (no `stage` or `data` axis)."""
     import jax
 
     from jaxserve.engine.engine import LLMEngine
@@ -41,6 +42,9 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
     devices = list(jax.devices() if devices is None else devices)
     auto = isinstance(mesh_spec, str) and mesh_spec.strip().lower() == "auto"
     if not auto:
+        from jaxserve.parallel.mesh import parse_mesh_spec
+
+        _check_speculative_mesh(speculative, parse_mesh_spec(mesh_spec))
         spec = resolve_mesh_spec(mesh_spec, len(devices))  # a bad mesh fails before any weights load
     quantization = getattr(engine_cfg, "quantization", None)
     # A converted float checkpoint is restored by orbax straight into the mesh's shardings. Quantized serving
@@ -65,6 +69,7 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
 
         spec = resolve_mesh_spec(default_mesh_spec(model_cfg, devices), len(devices))
     check_model_fits_mesh(model_cfg, spec)
+    _check_speculative_mesh(speculative, spec)
     tokenizer = tokenizer or tok
     if quantization is not None and host_params is not None:  # docs/quantization.md
         from jaxserve.weights.calibrate import quantize_for_engine
@@ -87,13 +92,20 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
         else:
             params = host_params
         runner = ModelRunner(model_cfg, engine_cfg, params, num_pages, placement=placement)
-        engines.append(LLMEngine(model_cfg, engine_cfg, None, tokenizer, num_pages=num_pages, runner=runner))
+        engines.append(LLMEngine(model_cfg, engine_cfg, None, tokenizer, num_pages=num_pages, runner=runner,
+                                 speculative=speculative))
         del params
     del host_params
     load_seconds = time.monotonic() - t0
     if len(engines) == 1:
         return engines[0], model_cfg, tokenizer, load_seconds
     return DataParallelEngine(engines), model_cfg, tokenizer, load_seconds
+
+
+def _check_speculative_mesh(speculative, spec: dict) -> None:
+    if speculative is not None and (spec["data"] != 1 or spec["stage"] != 1):
+        raise InvalidConfigError(f"speculative decoding on a mesh needs a single tensor-parallel replica "
+                                 f"(data=1, stage=1); got {spec}")
 
 
 class _Runners:

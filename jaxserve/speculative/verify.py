@@ -34,7 +34,7 @@ from jax._src import config as jax_config
 
 from jaxserve.engine.runner import compile_count
 from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
-from jaxserve.errors import CompileWhileServingError
+from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step
 from jaxserve.speculative.adaptive import AdaptiveController
 from jaxserve.speculative.config import SpeculativeConfig
@@ -88,7 +88,10 @@ class Speculator:
         programs so the adaptive controller starts from measured costs. Seconds spent."""
         t0 = time.monotonic()
         r = self.runner
-        fn = jax.jit(self._verify_fn, donate_argnums=(1,))
+        if r.placement is not None:  # a tensor-parallel mesh: the runner's shardings (parallel/placement.py)
+            fn = r.placement.jit(self._verify_fn, r.params)
+        else:
+            fn = jax.jit(self._verify_fn, donate_argnums=(1,))
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.kv)
 
@@ -118,6 +121,8 @@ class Speculator:
                 inp = StepInputs(*(np.zeros(a.shape, a.dtype) for a in inp))
                 st = SamplingTensors(**build_sampling_arrays([], [], [], [], [], [], st.temperature.shape[0],
                                                              r.H, r.NB))
+                if r.placement is not None:
+                    inp, st = r.placement.put_inputs((inp, st))
                 best = float("inf")
                 for _ in range(repeats):
                     t = time.perf_counter()
@@ -201,8 +206,11 @@ class Speculator:
         prog = self._programs.get(R)
         if prog is None:
             raise CompileWhileServingError(f"no compiled verify program for {R} rows; have {sorted(self._programs)}")
+        inputs = (inp, SamplingTensors(**st))
+        if r.placement is not None:
+            inputs = r.placement.put_inputs(inputs)
         before = compile_count()
-        res, r.kv = prog(r.params, r.kv, inp, SamplingTensors(**st))
+        res, r.kv = prog(r.params, r.kv, *inputs)
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving (verify step)")
@@ -234,6 +242,11 @@ class Speculator:
 def build_speculator(spec, model_cfg, engine_cfg, runner, block_manager, max_model_len: int) -> Speculator:
     """`speculative` dict -> Speculator with its proposer (the draft model, if any, is loaded here)."""
     spec = SpeculativeConfig.parse(spec)
+    placement = getattr(runner, "placement", None)
+    if placement is not None and (spec.method != "ngram" or placement.p > 1):
+        raise InvalidConfigError(
+            f"on a mesh, speculative decoding supports method 'ngram' with tensor parallelism (no 'stage' axis); "
+            f"got method {spec.method!r} with stage={placement.p}")
     if spec.method == "ngram":
         proposer = NgramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min)
     elif spec.method == "self":
