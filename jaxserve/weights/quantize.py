@@ -17,9 +17,9 @@ embedding table, so one array serves the lookup (`take_rows`) and the projection
 
 CPU matmul formulation (see docs/quantization.md and scripts/bench_quant_matmul.py for the measurements):
 XLA:CPU runs f32 matrix-vector products at memory bandwidth but int8/bf16 ones far slower, and a
-dequantize-then-dot materializes the whole f32 weight. `matmul` instead walks N in column chunks inside a
-`lax.map`, dequantizing one chunk at a time so the f32 tile stays in cache and the int8 bytes are the only
-weight traffic from memory.
+dequantize-then-dot materializes the whole f32 weight. `matmul` instead walks N in column chunks in a loop,
+dequantizing one chunk at a time so the f32 tile stays in cache and the int8 bytes are the only weight traffic
+from memory.
 """
 
 from __future__ import annotations
@@ -47,11 +47,26 @@ def _int8_mm(x, w_q, scales, chunk):
     K, N = w_q.shape
     if chunk is None or N <= chunk or N % chunk:
         return (x @ w_q.astype(x.dtype)) * scales.astype(x.dtype)
-    nb = N // chunk
-    blocks = w_q.reshape(K, nb, chunk).transpose(1, 0, 2)  # [nb, K, chunk]
-    sb = scales.reshape(nb, chunk)
-    y = jax.lax.map(lambda b: (x @ b[0].astype(x.dtype)) * b[1].astype(x.dtype), (blocks, sb))  # [nb, M, chunk]
-    return y.transpose(1, 0, 2).reshape(x.shape[0], N)
+    return _column_chunks(x, N, chunk, lambda i: (x @ _cols(w_q, i, chunk).astype(x.dtype))
+                          * _cols(scales, i, chunk).astype(x.dtype))
+
+
+def _cols(a, i, chunk):
+    """Columns [i * chunk, (i + 1) * chunk) of a [..., N] array (a slice read in place, no copy of `a`)."""
+    return jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=a.ndim - 1)
+
+
+def _column_chunks(x, N, chunk, block):
+    """[M, N] output of `block(i)` -> [M, chunk] for column chunk i, walked by a loop over the N // chunk chunks.
+
+    The loop slices the weight in place. (Reshaping it to [N // chunk, K, chunk] for a `lax.map` instead made
+    XLA:CPU copy the whole weight into that layout on every call: for the quantized 262,144 x 640 LM head, whose
+    array the embedding lookup also reads, that copy cost ~100 ms per decode step.)
+    """
+    def body(i, y):
+        return jax.lax.dynamic_update_slice_in_dim(y, block(i).astype(y.dtype), i * chunk, axis=1)
+
+    return jax.lax.fori_loop(0, N // chunk, body, jnp.zeros((x.shape[0], N), x.dtype))
 
 
 def unpack_int4(w_q):
@@ -88,11 +103,8 @@ def _int4_mm_chunked(x, w_q, scales, group_size, chunk):
     half, N = w_q.shape
     if chunk is None or N <= chunk or N % chunk:
         return _int4_mm(x, w_q, scales, group_size)
-    nb = N // chunk
-    blocks = w_q.reshape(half, nb, chunk).transpose(1, 0, 2)
-    sb = scales.reshape(scales.shape[0], nb, chunk).transpose(1, 0, 2)
-    y = jax.lax.map(lambda b: _int4_mm(x, b[0], b[1], group_size), (blocks, sb))
-    return y.transpose(1, 0, 2).reshape(x.shape[0], N)
+    return _column_chunks(x, N, chunk, lambda i: _int4_mm(x, _cols(w_q, i, chunk), _cols(scales, i, chunk),
+                                                          group_size))
 
 
 @jax.tree_util.register_dataclass
