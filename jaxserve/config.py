@@ -350,7 +350,7 @@ class EngineConfig:
     min_prefill_tokens: int = 32  # smallest prefill Q bucket
     attn_block_pages: int = 16  # pages per attention block (the loop step over the KV cache)
     dtype: str = "float32"  # compute/weight dtype; float32 is fastest on XLA:CPU (see README)
-    kv_cache_dtype: str = "float32"  # or "bfloat16", or "int8" (per token and head scales; XLA attention path)
+    kv_cache_dtype: str = "float32"  # or "bfloat16", or "int8" (per token and head scales; XLA and Pallas paths)
     # Weight-only quantization of the linear layers (jaxserve/weights/quantize.py, docs/quantization.md):
     # None | "int8" (per output channel) | "int4" (group-wise RTN) | "gptq" (calibrated int4). Off by default.
     quantization: Optional[str] = None

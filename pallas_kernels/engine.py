@@ -13,7 +13,9 @@ q_pos [R, Q] (-1 for padding slots) and the layer's window (traced). It returns 
 No copy of a layer's cache is made: the cache is viewed (a free reshape of contiguous memory) as the pages of
 all layers, `[L * num_pages, page_size, Hkv, hd]`, and the layer is selected by offsetting the page ids,
 `block_tables + layer * num_pages` (an [R, P] int32 add). Table padding (page 0) becomes the layer's own null
-page, which the kernels mask like any other invisible page.
+page, which the kernels mask like any other invisible page. An int8 KV cache (`kv_cache_dtype="int8"`, an
+`Int8KV` of int8 values and per token-and-head f32 scales) is viewed the same way: int8 pages plus the kernels'
+`k_scales` / `v_scales`.
 
 The engine's `attn_block_pages` is the TPU kernels' `pages_per_block` (KV pages per DMA'd block); the Triton
 kernels keep their own power-of-two choice.
@@ -66,12 +68,18 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
         del batch_invariant  # see the module docstring
         num_layers, slots, hkv, hd = k_cache.shape
         n = slots // page_size
+        kw = dict(scale=float(cfg.attn_scale), window=jnp.asarray(window, jnp.int32),
+                  softcap=cfg.attn_logit_softcap, interpret=interp)
+        if hasattr(k_cache, "scales"):
+            # An int8 KV cache (jaxserve.weights.quantize.Int8KV): int8 values + f32 scales [L, slots, Hkv],
+            # viewed as the kernels' int8 pages and k_scales / v_scales [pages, page_size, Hkv].
+            kw["k_scales"] = k_cache.scales.reshape(num_layers * n, page_size, hkv)
+            kw["v_scales"] = v_cache.scales.reshape(num_layers * n, page_size, hkv)
+            k_cache, v_cache = k_cache.q, v_cache.q
         k_pages = k_cache.reshape(num_layers * n, page_size, hkv, hd)
         v_pages = v_cache.reshape(num_layers * n, page_size, hkv, hd)
         tables = block_tables.astype(jnp.int32) + jnp.asarray(layer, jnp.int32) * n
         kv_lens = kv_lens.astype(jnp.int32)
-        kw = dict(scale=float(cfg.attn_scale), window=jnp.asarray(window, jnp.int32),
-                  softcap=cfg.attn_logit_softcap, interpret=interp)
         if fam == "tpu" and block_pages:
             # Default 16 pages = the kernels' own default of 256 tokens at page_size 16. It also bounds the
             # kernels' unrolled per-page DMA code, which matters for interpret-mode compile time.

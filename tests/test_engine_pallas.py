@@ -100,6 +100,36 @@ def test_adapter_matches_xla_attention(Q, q_lens, ctx_lens, kernel):
         assert np.all(np.asarray(got)[padding] == 0.0)
 
 
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("Q,q_lens,ctx_lens", [(8, [5, 0, 8, 1], [7, 0, 13, 0]), (1, [1, 1, 0, 1], [0, 17, 0, 30])])
+def test_adapter_int8_kv_matches_xla_attention(Q, q_lens, ctx_lens, kernel):
+    """An int8 KV cache (Int8KV: values + per token-and-head scales) through the kernels' int8 pages and
+    k_scales / v_scales, against the XLA path reading the same cache dequantized."""
+    from jaxserve.weights.quantize import Int8KV, quantize_kv_int8
+
+    cfg = get_preset("tiny-gemma3")
+    q, kc, vc, tables, kv_lens, pos = _attention_case(cfg, np.random.default_rng(10 + Q), q_lens, ctx_lens, Q)
+
+    def int8(c):
+        v, s = quantize_kv_int8(c.reshape(-1, *c.shape[2:]))
+        return Int8KV(v.reshape(c.shape), s.reshape(c.shape[:-1]))
+
+    kq, vq = int8(kc), int8(vc)
+    fn = engine_attention_fn("pallas", head_dim=cfg.head_dim, page_size=4, kernel=kernel)
+
+    @jax.jit
+    def run(layer, window):
+        a = (cfg, q, kq, vq, layer, tables, kv_lens, pos, window)
+        return fn(*a, page_size=4, block_pages=4), paged_attention_xla(*a, page_size=4, block_pages=4)
+
+    for layer, window in [(0, 0), (3, 24)]:
+        got, want = run(jnp.int32(layer), jnp.int32(window))
+        assert got.shape == want.shape == q.shape
+        # The kernels scale logits / probabilities columns instead of dequantizing K / V first: same values,
+        # another rounding order.
+        assert float(jnp.abs(got - want).max()) < ATTN_ATOL, (layer, window, float(jnp.abs(got - want).max()))
+
+
 # --------------------------------------------------------------------------------------------- engine
 def _prompts(vocab, lengths, seed):
     r = np.random.default_rng(seed)
@@ -121,10 +151,10 @@ def _compare(a, b, max_new):
     return worst
 
 
-@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-llama"])
-def test_engine_pallas_matches_xla(llm_factory, model):
-    xla = llm_factory(model, attention_impl="xla", **KW)
-    pal = llm_factory(model, attention_impl="pallas", **KW)
+@pytest.mark.parametrize("model,kv", [("tiny-gemma3", "float32"), ("tiny-llama", "float32"), ("tiny-gemma3", "int8")])
+def test_engine_pallas_matches_xla(llm_factory, model, kv):
+    xla = llm_factory(model, attention_impl="xla", kv_cache_dtype=kv, **KW)
+    pal = llm_factory(model, attention_impl="pallas", kv_cache_dtype=kv, **KW)
     assert xla.engine.runner.attention_fn is None and pal.engine.runner.attention_fn is not None
     V = xla.model_config.vocab_size
     max_new = 6

@@ -97,9 +97,6 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig):
         raise InvalidConfigError(f"attention_impl must be auto, xla or pallas, got {impl!r}")
     if impl == "xla" or (impl == "auto" and jax.default_backend() == "cpu"):
         return None  # (without importing pallas_kernels)
-    if engine_cfg.kv_cache_dtype == "int8":
-        raise InvalidConfigError("kv_cache_dtype='int8' runs on the XLA attention path only: pass "
-                                 "attention_impl='xla' (the Pallas kernels' int8 pages are not wired to the engine)")
     from pallas_kernels.engine import engine_attention_fn
 
     try:
