@@ -789,6 +789,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt-median", type=float)
     ap.add_argument("--output-median", type=float)
+    ap.add_argument("--prompt-sigma", type=float, help="log-space std of prompt lengths (default 1.0)")
+    ap.add_argument("--output-sigma", type=float, help="log-space std of output lengths (default 1.0)")
     ap.add_argument("--prompt-max", type=int)
     ap.add_argument("--output-max", type=int)
     ap.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s (default 1.0; quick: 2)")
@@ -821,7 +823,9 @@ def parse_args(argv=None):
         prompt_median=args.prompt_median or (64.0 if q else WorkloadSpec.prompt_median),
         prompt_max=args.prompt_max or (256 if q else WorkloadSpec.prompt_max),
         output_median=args.output_median or (24.0 if q else WorkloadSpec.output_median),
-        output_max=args.output_max or (64 if q else WorkloadSpec.output_max))
+        output_max=args.output_max or (64 if q else WorkloadSpec.output_max),
+        prompt_sigma=args.prompt_sigma or WorkloadSpec.prompt_sigma,
+        output_sigma=args.output_sigma or WorkloadSpec.output_sigma)
     if args.sweep is None:
         args.sweep = [1, 4, 16] if q else [1, 2, 4, 8, 16, 32, 64]
     if args.rate is None:

@@ -240,6 +240,9 @@ def test_quick_args():
     assert spec.num_requests == 16 and spec.prompt_max == 256 and args.sweep == [1, 4, 16]
     args, spec = bs.parse_args([])
     assert spec.num_requests == 64 and args.sweep == [1, 2, 4, 8, 16, 32, 64] and args.hf_max_requests == 16
+    assert (spec.prompt_sigma, spec.output_sigma) == (1.0, 1.0)
+    _, spec = bs.parse_args(["--output-sigma", "1.5", "--prompt-median", "64"])
+    assert (spec.prompt_sigma, spec.output_sigma, spec.prompt_median) == (1.0, 1.5, 64.0)
 
 
 def test_decode_step_bound_by_hand():
