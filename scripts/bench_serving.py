@@ -726,7 +726,7 @@ def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int,
     return out
 
 
-def offline_ceiling(cont: dict, stat: dict, output_tokens: int, max_num_seqs: int) -> dict:
+def offline_ceiling(cont: dict, stat: dict, max_num_seqs: int) -> dict:
     """The most continuous batching could gain over static on this run's measured step costs.
 
     Static batching runs every decode step at the full `max_num_seqs` bucket, so its decode seconds per step is
@@ -735,7 +735,7 @@ def offline_ceiling(cont: dict, stat: dict, output_tokens: int, max_num_seqs: in
     full steps decoding, plus the prefill it measured. Static's measured wall time over that is the ceiling.
     """
     full_step_s = stat["engine"]["decode_s"] / max(1, stat["engine"]["decode_steps"])
-    ideal_decode_s = output_tokens / max_num_seqs * full_step_s
+    ideal_decode_s = cont["summary"]["output_tokens"] / max_num_seqs * full_step_s
     cont_prefill_s = cont["engine"]["prefill_s"]
     return {"full_decode_step_s": full_step_s, "ideal_continuous_decode_s": ideal_decode_s,
             "continuous_prefill_s": cont_prefill_s, "continuous_decode_s": cont["engine"]["decode_s"],
@@ -990,8 +990,7 @@ def main(argv=None) -> int:
         if ("offline", "static") in results_by:
             res["offline_replay"] = {m: replay_schedule(reqs, *replay_setup, m) for m in ("continuous", "static")}
             res["offline_ceiling"] = offline_ceiling(results_by[("offline", "continuous")],
-                                                     results_by[("offline", "static")],
-                                                     res["workload"]["output_tokens_total"], args.max_num_seqs)
+                                                     results_by[("offline", "static")], args.max_num_seqs)
         save()
 
     for b in args.sweep:

@@ -191,7 +191,7 @@ def test_run_workload_tiny_offline_poisson_static():
             assert rp[k] == run["engine"][k], (mode, k, rp[k], run["engine"][k])
         assert sum(rp["decode_buckets"].values()) == rp["decode_steps"]
         assert rp["prefill_padded_tokens"] >= run["engine"]["prefill_tokens"]
-    ce = bs.offline_ceiling(off, st, off["summary"]["output_tokens"], TINY_KW["max_num_seqs"])
+    ce = bs.offline_ceiling(off, st, TINY_KW["max_num_seqs"])
     full = st["engine"]["decode_s"] / st["engine"]["decode_steps"]
     assert ce["full_decode_step_s"] == pytest.approx(full)
     assert ce["ceiling"] == pytest.approx(st["summary"]["duration_s"] / (

@@ -161,13 +161,21 @@ class ModelRunner:
     def buckets(self) -> list:
         return [(r, 1) for r in self.cfg.decode_buckets()] + list(self.cfg.prefill_buckets())
 
+    def jit_step(self, step_fn):
+        """`step_fn(params, kv, inputs, sampling)` under jit, KV donated; on a mesh, with the placement's shardings.
+        The engine's steps and the speculative verify steps both compile through here."""
+        if self.placement is not None:
+            return self.placement.jit(step_fn, self.params, self.kv)
+        return jax.jit(step_fn, donate_argnums=(1,))
+
+    def place_inputs(self, inputs):
+        """Host step inputs as a program takes them: as they are on one device, replicated global arrays on a mesh."""
+        return inputs if self.placement is None else self.placement.put_inputs(inputs)
+
     def compile_all(self, progress=None) -> float:
         """Compile every bucket ahead of time. Returns seconds spent."""
         t0 = time.monotonic()
-        if self.placement is not None:
-            fn = self.placement.jit(self._step, self.params)
-        else:
-            fn = jax.jit(self._step, donate_argnums=(1,))
+        fn = self.jit_step(self._step)
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
 
@@ -201,9 +209,7 @@ class ModelRunner:
         prog = self._programs.get(bucket)
         if prog is None:
             raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(self._programs)}")
-        inputs = (inp, SamplingTensors(**st))
-        if self.placement is not None:
-            inputs = self.placement.put_inputs(inputs)
+        inputs = self.place_inputs((inp, SamplingTensors(**st)))
         before = compile_count()
         res, self.kv = prog(self.params, self.kv, *inputs)
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))

@@ -46,7 +46,7 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
 
         _check_speculative_mesh(speculative, parse_mesh_spec(mesh_spec))
         spec = resolve_mesh_spec(mesh_spec, len(devices))  # a bad mesh fails before any weights load
-    quantization = getattr(engine_cfg, "quantization", None)
+    quantization = engine_cfg.quantization
     # A converted float checkpoint is restored by orbax straight into the mesh's shardings. Quantized serving
     # (quantization=..., or a checkpoint converted with --quant) goes through the host copy instead: quantize
     # (or calibrate) there, then place shard by shard like any host params.
@@ -68,8 +68,8 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
         from jaxserve.parallel.mesh import default_mesh_spec
 
         spec = resolve_mesh_spec(default_mesh_spec(model_cfg, devices), len(devices))
+        _check_speculative_mesh(speculative, spec)  # (an explicit mesh was checked before loading)
     check_model_fits_mesh(model_cfg, spec)
-    _check_speculative_mesh(speculative, spec)
     tokenizer = tokenizer or tok
     if quantization is not None and host_params is not None:  # docs/quantization.md
         from jaxserve.weights.calibrate import quantize_for_engine

@@ -90,19 +90,16 @@ class Placement:
         shape = (c.num_layers, num_pages * page_size, c.num_kv_heads, c.head_dim)
         if jnp.dtype(dtype) == jnp.int8:
             s_sh = NamedSharding(self.mesh, P(*tuple(self.kv_sharding.spec)[:-1]))
-            self.kv_shardings = Int8KV(self.kv_sharding, s_sh)
-            make = jax.jit(lambda: Int8KV.zeros(shape), out_shardings=self.kv_shardings)
+            make = jax.jit(lambda: Int8KV.zeros(shape), out_shardings=Int8KV(self.kv_sharding, s_sh))
         else:
-            self.kv_shardings = self.kv_sharding
             make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)
         return {"k": make(), "v": make()}
 
     # ------------------------------------------------------------------ programs
-    def jit(self, step_fn, params):
-        """The runner's step under jit with this placement's shardings (KV donated)."""
+    def jit(self, step_fn, params, kv):
+        """The runner's step under jit with the shardings its placed params and KV cache have (KV donated)."""
         p_sh = jax.tree.map(lambda a: a.sharding, params)
-        kv_one = getattr(self, "kv_shardings", self.kv_sharding)
-        kv_sh = {"k": kv_one, "v": kv_one}
+        kv_sh = jax.tree.map(lambda a: a.sharding, kv)
         return jax.jit(step_fn, donate_argnums=(1,), in_shardings=(p_sh, kv_sh, self.replicated, self.replicated),
                        out_shardings=(self.replicated, kv_sh))
 

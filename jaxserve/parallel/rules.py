@@ -62,20 +62,20 @@ def param_specs(cfg: ModelConfig, params: dict, t: int, stage_axis=None) -> dict
     out = {}
     for k, v in params.items():
         if k == "layers":
-            out[k] = {n: layer_rules.get(n, P(S, *([None] * (len(a.shape) - 1))))
+            out[k] = {n: _spec_of(a, layer_rules.get(n, P(S, *([None] * (len(a.shape) - 1)))))
                       for n, a in v.items()}
-            out[k] = {n: quantized_spec(a, out[k][n]) if is_quantized(a) else out[k][n] for n, a in v.items()}
-        elif k == "embed" and is_quantized(v):  # stored as the LM head's [D, V] (weights/quantize.py)
-            out[k] = quantized_spec(v, P(None, M if v_ok else None))
-        elif k == "embed":
+        elif k == "embed" and not is_quantized(v):
             out[k] = P(M if v_ok else None, None)
-        elif k == "lm_head":
-            out[k] = P(None, M if v_ok else None)
-            if is_quantized(v):
-                out[k] = quantized_spec(v, out[k])
+        elif k in ("embed", "lm_head"):  # a quantized embedding is stored as the LM head's [D, V]
+            out[k] = _spec_of(v, P(None, M if v_ok else None))
         else:
             out[k] = P(*([None] * len(v.shape)))
     return out
+
+
+def _spec_of(w, spec: P):
+    """`spec` for a float weight, the per-array specs of a quantized one."""
+    return quantized_spec(w, spec) if is_quantized(w) else spec
 
 
 def quantized_spec(w, spec: P):

@@ -88,10 +88,7 @@ class Speculator:
         programs so the adaptive controller starts from measured costs. Seconds spent."""
         t0 = time.monotonic()
         r = self.runner
-        if r.placement is not None:  # a tensor-parallel mesh: the runner's shardings (parallel/placement.py)
-            fn = r.placement.jit(self._verify_fn, r.params)
-        else:
-            fn = jax.jit(self._verify_fn, donate_argnums=(1,))
+        fn = r.jit_step(self._verify_fn)  # on a tensor-parallel mesh: the runner's shardings
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.kv)
 
@@ -121,8 +118,7 @@ class Speculator:
                 inp = StepInputs(*(np.zeros(a.shape, a.dtype) for a in inp))
                 st = SamplingTensors(**build_sampling_arrays([], [], [], [], [], [], st.temperature.shape[0],
                                                              r.H, r.NB))
-                if r.placement is not None:
-                    inp, st = r.placement.put_inputs((inp, st))
+                inp, st = r.place_inputs((inp, st))
                 best = float("inf")
                 for _ in range(repeats):
                     t = time.perf_counter()
@@ -206,9 +202,7 @@ class Speculator:
         prog = self._programs.get(R)
         if prog is None:
             raise CompileWhileServingError(f"no compiled verify program for {R} rows; have {sorted(self._programs)}")
-        inputs = (inp, SamplingTensors(**st))
-        if r.placement is not None:
-            inputs = r.placement.put_inputs(inputs)
+        inputs = r.place_inputs((inp, SamplingTensors(**st)))
         before = compile_count()
         res, r.kv = prog(r.params, r.kv, *inputs)
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
