@@ -76,6 +76,8 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
             kw["k_scales"] = k_cache.scales.reshape(num_layers * n, page_size, hkv)
             kw["v_scales"] = v_cache.scales.reshape(num_layers * n, page_size, hkv)
             k_cache, v_cache = k_cache.q, v_cache.q
+        elif hasattr(k_cache, "bits"):  # a bfloat16 cache stored as bits on CPU (jaxserve.weights.quantize.Bf16KV)
+            k_cache, v_cache = k_cache.as_bfloat16(), v_cache.as_bfloat16()
         k_pages = k_cache.reshape(num_layers * n, page_size, hkv, hd)
         v_pages = v_cache.reshape(num_layers * n, page_size, hkv, hd)
         tables = block_tables.astype(jnp.int32) + jnp.asarray(layer, jnp.int32) * n

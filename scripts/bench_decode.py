@@ -7,7 +7,7 @@ with HF transformers (CPU torch) at batch 1 on the same prompt in the same run; 
 
 `--configs` runs the same measurement for each weight format in one process, one engine after the other:
 fp32 (unquantized), int8 / int4 (weight-only, linear layers; round to nearest), `+head` variants that also
-quantize the embedding / tied LM head, and kv-int8 (float weights, int8 KV cache). See docs/quantization.md.
+quantize the embedding / tied LM head, kv-int8 / kv-bf16 (float weights, int8 / bfloat16 KV cache). See docs/quantization.md.
 
 Writes bench_results/decode.json and prints a Markdown table. Decode tokens/s counts only decode steps
 (prefill is timed separately), so batch sizes compare the memory-bound phase directly.
@@ -51,6 +51,7 @@ CONFIGS = {
     "int8+head": dict(quantization="int8", quantize_embed=True),
     "int4+head": dict(quantization="int4", quantize_embed=True),
     "kv-int8": dict(kv_cache_dtype="int8"),
+    "kv-bf16": dict(kv_cache_dtype="bfloat16"),
 }
 
 

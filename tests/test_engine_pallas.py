@@ -26,6 +26,11 @@ KW = dict(page_size=4, max_model_len=128, max_num_seqs=4, max_num_batched_tokens
 # Both paths compute attention in float32 (the kernels' dots at HIGHEST precision); they differ only in
 # summation order, ~1e-6 per attention output. Through the tiny models that is <~1e-5 on a logprob.
 LOGPROB_ATOL = 1e-4
+# With a bfloat16 KV cache (the same bf16 K/V values on both paths) the sampled tokens' logprobs still agree to
+# ~1e-5, but the second-best logprobs far in the tail of tiny-gemma3's peaked distributions (-15 .. -20) were
+# measured up to 4e-4 apart (~2e-5 relative); both paths match the bf16-KV reference forward to 1e-6 on the
+# sampled tokens (tests/test_bf16.py checks the XLA path).
+BF16_KV_LOGPROB_ATOL = 1e-3
 # Attention outputs of the adapter vs the XLA path (float32, values ~1).
 ATTN_ATOL = 2e-5
 
@@ -136,22 +141,25 @@ def _prompts(vocab, lengths, seed):
     return [[int(t) for t in r.integers(3, vocab, n)] for n in lengths]
 
 
-def _compare(a, b, max_new):
-    """Same greedy tokens; logprobs (sampled token and top-k) within LOGPROB_ATOL."""
-    worst = 0.0
+def _compare(a, b, max_new, tail_atol=LOGPROB_ATOL):
+    """Same greedy tokens; the sampled tokens' logprobs within LOGPROB_ATOL, the other top-k within `tail_atol`."""
+    worst = worst_tail = 0.0
     for x, y in zip(a, b):
         cx, cy = x.outputs[0], y.outputs[0]
         assert len(cx.token_ids) == max_new
         assert cx.token_ids == cy.token_ids
-        for lx, ly in zip(cx.logprobs, cy.logprobs):
+        for tok, lx, ly in zip(cx.token_ids, cx.logprobs, cy.logprobs):
             assert lx.keys() == ly.keys()
-            worst = max(worst, max(abs(lx[t] - ly[t]) for t in lx))
+            worst = max(worst, abs(lx[tok] - ly[tok]))
+            worst_tail = max([worst_tail] + [abs(lx[t] - ly[t]) for t in lx if t != tok])
     assert worst < LOGPROB_ATOL, worst
-    print(f"max |logprob difference| pallas vs xla: {worst:.2e}")
-    return worst
+    assert worst_tail < tail_atol, worst_tail
+    print(f"max |logprob difference| pallas vs xla: sampled {worst:.2e}, other top-k {worst_tail:.2e}")
+    return max(worst, worst_tail)
 
 
-@pytest.mark.parametrize("model,kv", [("tiny-gemma3", "float32"), ("tiny-llama", "float32"), ("tiny-gemma3", "int8")])
+@pytest.mark.parametrize("model,kv", [("tiny-gemma3", "float32"), ("tiny-llama", "float32"), ("tiny-gemma3", "int8"),
+                                      ("tiny-gemma3", "bfloat16")])
 def test_engine_pallas_matches_xla(llm_factory, model, kv):
     xla = llm_factory(model, attention_impl="xla", kv_cache_dtype=kv, **KW)
     pal = llm_factory(model, attention_impl="pallas", kv_cache_dtype=kv, **KW)
@@ -162,8 +170,9 @@ def test_engine_pallas_matches_xla(llm_factory, model, kv):
     # Round 1: lengths 1 .. 70: page-size multiples and not, past the 24-token window, 40 and 70 > one
     # 32-token chunk (chunked prefill), several prompts per prefill step.
     first = _prompts(V, [1, 5, 8, 23, 40, 70], seed=11)
+    tail_atol = BF16_KV_LOGPROB_ATOL if kv == "bfloat16" else LOGPROB_ATOL
     outs = [llm.generate(first, sp) for llm in (xla, pal)]
-    _compare(*outs, max_new)
+    _compare(*outs, max_new, tail_atol)
     # Round 2: prompts sharing a 36- or 64-token prefix with round 1's (full pages: prefix-cache hits), so the
     # first prefill chunk already has context in the pages.
     ext = _prompts(V, [9, 3], seed=12)
@@ -172,4 +181,4 @@ def test_engine_pallas_matches_xla(llm_factory, model, kv):
     for o in outs:
         assert [r.metrics.num_cached_prompt_tokens >= 32 for r in o] == [True, True], \
             [r.metrics.num_cached_prompt_tokens for r in o]
-    _compare(*outs, max_new)
+    _compare(*outs, max_new, tail_atol)

@@ -268,6 +268,15 @@ def test_quantized_layouts_match_single_device():
     assert_layouts(res, ("model=2",), KV_INT8_LOGPROB_TOL)
 
 
+def test_bf16_kv_on_a_mesh_matches_single_device():
+    """A bfloat16 KV cache on a mesh (stored as its bits on CPU: weights.quantize.Bf16KV, sharded like a float
+    cache): the same greedy tokens as one device."""
+    tp = ("model=2", "stage=2,model=2")
+    res = run_check("--model", "tiny-llama", "--max-tokens", "8", *sum((["--mesh", m] for m in tp), []),
+                    "--engine-kw", json.dumps({"kv_cache_dtype": "bfloat16"}))
+    assert_layouts(res, tp, KV_INT8_LOGPROB_TOL)
+
+
 SPEC_NGRAM = {"method": "ngram", "num_tokens": 3, "adaptive": False}
 
 

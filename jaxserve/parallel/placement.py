@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 from jaxserve.parallel import rules
-from jaxserve.weights.quantize import Int8KV, is_quantized
+from jaxserve.weights.quantize import Bf16KV, Int8KV, is_quantized
 
 log = logging.getLogger("jaxserve")
 
@@ -85,12 +85,14 @@ class Placement:
 
     def init_kv(self, num_pages: int, page_size: int, dtype) -> dict:
         """The KV cache created already sharded. int8: an `Int8KV` (values + per token-and-head scales, the
-        scales laid out like the values without their last axis)."""
+        scales laid out like the values without their last axis); bfloat16 on CPU: a `Bf16KV` (see there)."""
         c = self.cfg
         shape = (c.num_layers, num_pages * page_size, c.num_kv_heads, c.head_dim)
         if jnp.dtype(dtype) == jnp.int8:
             s_sh = NamedSharding(self.mesh, P(*tuple(self.kv_sharding.spec)[:-1]))
             make = jax.jit(lambda: Int8KV.zeros(shape), out_shardings=Int8KV(self.kv_sharding, s_sh))
+        elif jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+            make = jax.jit(lambda: Bf16KV.zeros(shape), out_shardings=Bf16KV(self.kv_sharding))
         else:
             make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)
         return {"k": make(), "v": make()}

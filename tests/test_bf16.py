@@ -1,0 +1,102 @@
+"""bfloat16 on XLA:CPU: the KV cache kept as bits (Bf16KV) and bf16 weights multiplied with f32 accumulation.
+
+XLA:CPU has no bfloat16 gather / scatter / dynamic-slice and no bf16-output dot: it converts the operands to
+float32, which for a KV cache or a stacked weight means the whole array on every step. These tests check the
+values (same as a plain bf16 computation, close to float32) and the structure (no whole-array conversion in the
+compiled step); the speed is measured in scripts/bench_decode.py (`--configs fp32 kv-bf16 bf16`).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve import SamplingParams
+from jaxserve.models.transformer import float_matmul
+from jaxserve.weights import quantize as qz
+from tests.conftest import TINY_KW
+from tests.test_engine import _check_against_reference, _mixed_prompts
+
+
+def test_bf16_kv_stores_bits_and_reads_back_bfloat16():
+    shape = (3, 40, 2, 8)
+    c = qz.Bf16KV.zeros(shape)
+    assert c.bits.dtype == jnp.uint16 and c.shape == shape and c.dtype == jnp.bfloat16 and c.nbytes == 2 * np.prod(shape)
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 2, 8), jnp.float32) * 3
+    slots = jnp.array([0, 7, 8, 21, 39])
+    c = c.write(1, slots, x)
+    got = c[1, slots]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x.astype(jnp.bfloat16), np.float32))
+    # Everything else is still zero, and the whole-cache view agrees with indexing.
+    full = np.asarray(c.as_bfloat16(), np.float32)
+    assert np.count_nonzero(full[0]) == 0 and np.count_nonzero(full[2]) == 0
+    np.testing.assert_array_equal(full[1][np.asarray(slots)], np.asarray(got, np.float32))
+
+
+def test_engine_bf16_kv_matches_reference_with_bf16_kv(llm_factory, monkeypatch):
+    """float32 weights + bfloat16 KV == the reference forward whose K/V are rounded to bfloat16."""
+    import jaxserve.models.reference as refmod
+
+    llm = llm_factory("tiny-gemma3", **TINY_KW, kv_cache_dtype="bfloat16")
+    kv = llm.engine.runner.kv
+    assert isinstance(kv["k"], qz.Bf16KV) and kv["k"].bits.dtype == jnp.uint16
+    prompts = _mixed_prompts(llm.model_config.vocab_size, [3, 30, 90], seed=5)
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    outs = llm.generate(prompts, sp)
+    qkv = refmod.qkv
+
+    def qkv_bf16(*a, **kw):
+        q, k, v = qkv(*a, **kw)
+        return q, k.astype(jnp.bfloat16).astype(k.dtype), v.astype(jnp.bfloat16).astype(v.dtype)
+
+    monkeypatch.setattr(refmod, "qkv", qkv_bf16)
+    _check_against_reference(llm, prompts, outs, 6)
+
+
+def _big_converts(hlo: str, min_elems: int) -> list:
+    """HLO lines that produce a float32 array of at least `min_elems` elements by a convert (or a fusion named
+    after one): XLA:CPU's upcast of a bf16 operand it cannot handle."""
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(r"= f32\[([0-9,]+)\]", line)
+        if m and "convert" in line:
+            if int(np.prod([int(d) for d in m.group(1).split(",")])) >= min_elems:
+                out.append(line.strip()[:200])
+    return out
+
+
+@pytest.mark.parametrize("dtype,kv", [("float32", "bfloat16")])
+def test_bf16_step_converts_no_whole_cache_or_weight(llm_factory, dtype, kv):
+    """The compiled decode and prefill steps convert neither the KV cache nor a stacked weight to float32."""
+    llm = llm_factory("tiny-gemma3", **TINY_KW, dtype=dtype, kv_cache_dtype=kv)
+    r = llm.engine.runner
+    cache_elems = int(np.prod(r.kv["k"].shape))
+    layer_w = min(int(np.prod(a.shape)) for a in jax.tree.leaves(r.params["layers"]) if a.ndim == 3)
+    fn = r.jit_step(r._step)
+    p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.params)
+    kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.kv)
+    for bucket in [(2, 1), r.buckets()[-1]]:
+        hlo = fn.lower(p_abs, kv_abs, *r._abstract_inputs(*bucket)).compile().as_text()
+        big = _big_converts(hlo, min(cache_elems, layer_w))
+        assert not big, (bucket, big[:3])
+
+
+def test_float_matmul_bf16_accumulates_in_f32():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    w = jax.random.normal(k1, (256, 96), jnp.float32).astype(jnp.bfloat16)
+    for m in (1, 2, 7):
+        a = jax.random.normal(k2, (m, 256), jnp.float32).astype(jnp.bfloat16)
+        want = np.asarray(a, np.float32) @ np.asarray(w, np.float32)
+        got = float_matmul(a, w, jnp.float32)
+        assert got.dtype == jnp.float32 and got.shape == (m, 96)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+        got16 = float_matmul(a, w)
+        assert got16.dtype == jnp.bfloat16
+        # The bf16 result is the f32-accumulated product rounded once.
+        np.testing.assert_array_equal(np.asarray(got16), np.asarray(got.astype(jnp.bfloat16)))
+    a = jnp.ones((3, 256), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(float_matmul(a, w.astype(jnp.float32))),
+                                  np.asarray(a @ w.astype(jnp.float32)))
