@@ -349,7 +349,7 @@ class EngineConfig:
     max_prefill_seqs: int = 4
     min_prefill_tokens: int = 32  # smallest prefill Q bucket
     attn_block_pages: int = 16  # pages per attention block (the loop step over the KV cache)
-    dtype: str = "float32"  # compute/weight dtype; float32 is fastest on XLA:CPU (see README)
+    dtype: str = "float32"  # compute/weight dtype; float32 = the reference numerics; bfloat16 is faster on CPU (README)
     kv_cache_dtype: str = "float32"  # or "bfloat16", or "int8" (per token and head scales; XLA and Pallas paths)
     # Weight-only quantization of the linear layers (jaxserve/weights/quantize.py, docs/quantization.md):
     # None | "int8" (per output channel) | "int4" (group-wise RTN) | "gptq" (calibrated int4). Off by default.

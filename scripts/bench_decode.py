@@ -52,6 +52,7 @@ CONFIGS = {
     "int4+head": dict(quantization="int4", quantize_embed=True),
     "kv-int8": dict(kv_cache_dtype="int8"),
     "kv-bf16": dict(kv_cache_dtype="bfloat16"),
+    "bf16": dict(dtype="bfloat16", kv_cache_dtype="bfloat16"),
 }
 
 

@@ -6,7 +6,10 @@
 
 For each weight shape [K, N] and batch M, times x f32[M, K] @ W with W stored as:
   f32                  the baseline (XLA's f32 GEMV/GEMM)
-  bf16                 x and W in bf16 (and again with XLA_FLAGS=--xla_cpu_use_xnnpack=true, in a subprocess)
+  bf16                 x and W in bf16, a bf16 result (and again with XLA_FLAGS=--xla_cpu_use_xnnpack=true, in a
+                       subprocess)
+  bf16, f32 accumulation (engine)  jaxserve's float_matmul for dtype="bfloat16": a bf16 x bf16 -> f32 dot, one
+                       row computed as two on CPU
   int8 naive           dequantize the whole int8 weight to f32, then dot
   int8 chunked (ours)  jaxserve's Int8Weight.matmul: N walked in column chunks inside lax.map, each chunk
                        dequantized right before its dot so the f32 tile stays in cache
@@ -40,6 +43,7 @@ def _cases(K, N, xnnpack_only=False):
     import jax
     import jax.numpy as jnp
 
+    from jaxserve.models.transformer import float_matmul
     from jaxserve.weights import quantize as qz
 
     rng = np.random.default_rng(0)
@@ -62,6 +66,7 @@ def _cases(K, N, xnnpack_only=False):
     return {
         "f32": lambda x: x @ W,
         **bf16,
+        "bf16, f32 accumulation (engine)": lambda x: float_matmul(x.astype(jnp.bfloat16), WB, jnp.float32),
         "int8 naive (dequantize, dot)": lambda x: x @ q8.dequantize(),
         "int8 chunked (ours)": lambda x: q8.matmul(x),
         "int8 W8A8 int32 dot": w8a8,

@@ -797,6 +797,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=16,
                     help="max batch of the continuous/static runs (16: the sweep's best on this CPU)")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32", help="weight / compute dtype of every engine (float32, bfloat16)")
+    ap.add_argument("--kv-cache-dtype", default="float32", help="KV cache dtype (float32, bfloat16, int8)")
     ap.add_argument("--sweep", type=int, nargs="*", help="max_num_seqs values (default 1 2 4 8 16 32 64)")
     ap.add_argument("--sweep-requests", type=int,
                     help="run sweep points on the first N workload requests (default: all)")
@@ -857,7 +859,8 @@ def main(argv=None) -> int:
         print(f"[{time.monotonic() - t_all:7.1f}s] {msg}", flush=True)
 
     prefix_len = args.system_prompt_len + 64 + args.prefix_output_len
-    base_kw = engine_kwargs(spec, args.max_num_seqs, args.max_model_len, prefix_len=prefix_len)
+    base_kw = engine_kwargs(spec, args.max_num_seqs, args.max_model_len, prefix_len=prefix_len,
+                            dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
 
     log(f"building continuous engine {base_kw}")
     llm = make_llm(args.model, args.random_weights, scheduler="continuous", **base_kw)

@@ -38,6 +38,8 @@ CONFIGS = {
     "int4": dict(quantization="int4"),
     "gptq": dict(quantization="gptq"),
     "kv-int8": dict(kv_cache_dtype="int8"),
+    "kv-bf16": dict(kv_cache_dtype="bfloat16"),
+    "bf16": dict(dtype="bfloat16", kv_cache_dtype="bfloat16"),
     "int8+head": dict(quantization="int8", quantize_embed=True),
     "int4+head": dict(quantization="int4", quantize_embed=True),
     "gptq+head": dict(quantization="gptq", quantize_embed=True),
@@ -90,7 +92,7 @@ def evaluate(model: str, configs: list, *, prompts: int = 32, new_tokens: int = 
             prompt_ids = [list(map(int, w)) for w in windows]
         params = llm.engine.runner.params
         t1 = time.perf_counter()
-        ppl = perplexity(llm.model_config, params, held, kv_int8=llm.engine_config.kv_cache_dtype == "int8")
+        ppl = perplexity(llm.model_config, params, held, kv_dtype=llm.engine_config.kv_cache_dtype)
         t_ppl = time.perf_counter() - t1
         sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         t2 = time.perf_counter()

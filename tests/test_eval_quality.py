@@ -42,21 +42,25 @@ def test_perplexity_matches_reference_forward(scheme):
     assert abs(got / want - 1) < PPL_RTOL, (got, want)
 
 
-def test_perplexity_int8_kv_matches_reference_with_quantized_kv(monkeypatch):
+@pytest.mark.parametrize("kv", ["int8", "bfloat16"])
+def test_perplexity_low_precision_kv_matches_reference_with_that_kv(monkeypatch, kv):
     import jaxserve.models.reference as refmod
 
     cfg = PRESETS["tiny-gemma3"]
     p = qz.to_device(random_params(cfg, 1, dtype=np.float32), jnp.float32)
     toks = np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 30)).astype(np.int32)
-    got = perplexity(cfg, p, toks, kv_int8=True)
+    got = perplexity(cfg, p, toks, kv_dtype=kv)
     plain = perplexity(cfg, p, toks)
     qkv = refmod.qkv
 
-    def qkv_int8(*a, **kw):
-        q, k, v = qkv(*a, **kw)
-        return q, qz.Int8KV(*qz.quantize_kv_int8(k))[...], qz.Int8KV(*qz.quantize_kv_int8(v))[...]
+    def store(t):
+        return qz.Int8KV(*qz.quantize_kv_int8(t))[...] if kv == "int8" else t.astype(jnp.bfloat16).astype(t.dtype)
 
-    monkeypatch.setattr(refmod, "qkv", qkv_int8)
+    def qkv_stored(*a, **kw):
+        q, k, v = qkv(*a, **kw)
+        return q, store(k), store(v)
+
+    monkeypatch.setattr(refmod, "qkv", qkv_stored)
     want = _ref_ppl(cfg, p, toks)
     assert abs(got / want - 1) < PPL_RTOL and got != plain
 

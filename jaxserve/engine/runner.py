@@ -23,7 +23,7 @@ import numpy as np
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
-from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache
+from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache, pack_bf16_layers
 from jaxserve.weights.quantize import ensure_quantized, to_device
 
 log = logging.getLogger("jaxserve")
@@ -131,7 +131,7 @@ class ModelRunner:
             self.kv = placement.init_kv(num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         else:
             # Float leaves are cast to the engine dtype; quantized leaves (weights/quantize.py) are kept as they are.
-            self.params = to_device(params, dtype)
+            self.params = pack_bf16_layers(to_device(params, dtype))  # bf16 layer weights as bits on CPU
             self.kv = init_kv_cache(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         self.load_seconds = time.monotonic() - t0
         self._programs: dict = {}

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.models.transformer import dense, embed_tokens, lm_head, mlp, qkv, rms_norm, rope_inv_freq, softcap
+from jaxserve.models.transformer import (dense, embed_tokens, lm_head, mlp, qkv, rms_norm, rope_inv_freq, softcap,
+                                         unpack_bf16)
 
 
 def reference_forward(cfg: ModelConfig, params, tokens) -> jnp.ndarray:
     """Logits f32[T, V] for every position of one sequence `tokens` [T]."""
+    params = unpack_bf16(params)  # an engine's bf16 layer weights are held as bits on CPU
     tokens = jnp.asarray(tokens, jnp.int32)
     T = tokens.shape[0]
     pos = jnp.arange(T)

@@ -53,11 +53,12 @@ def attn_query_tile(cfg: ModelConfig) -> int:
     return 1 << (t.bit_length() - 1)  # a power of two, so it divides every Q bucket
 
 
-def dense(x, w, invariant: bool = False, out_dtype=None):
-    """x [..., K] @ w [K, N]; with `invariant`, on 2..32-row tiles (see ROW_TILE).
+def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = False):
+    """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant`, on 2..32-row tiles (see ROW_TILE).
 
     `w` may be a quantized weight (jaxserve/weights/quantize.py: Int8Weight / Int4Weight), then `w.matmul`."""
-    mm = w.matmul if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype))
+    mm = w.matmul if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype, transposed))
+    n_out = w.shape[0] if transposed and not is_quantized(w) else w.shape[-1]
     if not invariant:
         return mm(x)
     lead, K = x.shape[:-1], x.shape[-1]
@@ -71,26 +72,55 @@ def dense(x, w, invariant: bool = False, out_dtype=None):
         pad = -M % ROW_TILE  # steps never pad (their M is a multiple of 32); the reference forward may
         xp = jnp.pad(x2, ((0, pad), (0, 0)))
         y = jax.lax.map(mm, xp.reshape(-1, ROW_TILE, K)).reshape(M + pad, -1)[:M]
-    return y.reshape(*lead, w.shape[-1])
+    return y.reshape(*lead, n_out)
 
 
-def float_matmul(a, w, out_dtype=None):
-    """a [..., K] @ w [K, N] for float weights. Narrow floats (bf16) multiply with f32 accumulation, rounded back.
+def float_matmul(a, w, out_dtype=None, transposed: bool = False):
+    """a [..., K] @ w [K, N] for float weights (`transposed`: w is [N, K], e.g. a tied embedding as LM head).
+    Narrow floats (bf16) multiply with f32 accumulation, rounded to `out_dtype` (default a's dtype).
 
     XLA:CPU runs bf16 x bf16 -> f32 dots natively (AVX512-BF16 here: ~1.7x an f32 dot at 512 rows), but a dot
     with a bf16 result is upcast: every weight converted to f32 on every call (for Gemma 3 270M, the whole
     262,144 x 640 embedding each decode step). One-row bf16 -> f32 dots take a slow matrix-vector path on
-    XLA:CPU (the LM head: ~180 ms vs ~12 ms at two rows), so on CPU a single row is computed as two.
+    XLA:CPU (the LM head: ~180 ms vs ~12 ms at two rows), so on CPU a single row is computed as two; and a
+    [N, K] weight is contracted on its K axis directly (`x @ w.T` as a dot of a transpose was upcast again).
     On TPU / GPU, bf16 inputs with f32 accumulation is the MXU / tensor-core dot anyway.
     """
     if a.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return a @ w
-    lead = a.shape[:-1]
-    if math.prod(lead) == 1 and jax.default_backend() == "cpu":
-        a2 = a.reshape(1, a.shape[-1])
-        y = jnp.dot(jnp.concatenate([a2, a2]), w, preferred_element_type=jnp.float32)[:1]
-        return y.reshape(*lead, w.shape[-1]).astype(out_dtype or a.dtype)
-    return jnp.dot(a, w, preferred_element_type=jnp.float32).astype(out_dtype or a.dtype)
+        return a @ (w.T if transposed else w)
+    lead, K = a.shape[:-1], a.shape[-1]
+    N = w.shape[0] if transposed else w.shape[-1]
+    a2 = a.reshape(-1, K)
+    one = a2.shape[0] == 1 and jax.default_backend() == "cpu"
+    if one:
+        a2 = jnp.concatenate([a2, a2])
+    dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(a2, w, dims, preferred_element_type=jnp.float32)
+    if one:
+        y = y[:1]
+    return y.reshape(*lead, N).astype(out_dtype or a.dtype)
+
+
+# bf16 weights on XLA:CPU: the stacked layer weights are held as their bits (uint16) because XLA:CPU has no
+# bf16 dynamic-slice: the layer scan's slice of a bf16 stack converted the whole stack to f32 on every step
+# (~300 ms per Gemma 3 270M step). A uint16 slice is bitcast back to bf16 inside the scan, one layer at a time.
+def pack_bf16_layers(params):
+    """params with the bf16 leaves of params["layers"] stored as uint16 bits (XLA:CPU only; else unchanged)."""
+    if jax.default_backend() != "cpu" or "layers" not in params:
+        return params
+
+    def conv(a):
+        return a if is_quantized(a) or a.dtype != jnp.bfloat16 else jax.lax.bitcast_convert_type(a, jnp.uint16)
+
+    return {**params, "layers": jax.tree.map(conv, params["layers"], is_leaf=is_quantized)}
+
+
+def unpack_bf16(tree):
+    """The inverse of `pack_bf16_layers` on any subtree: uint16 leaves back to bf16 (a bitcast)."""
+    def conv(a):
+        return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if not is_quantized(a) and a.dtype == jnp.uint16 else a
+
+    return jax.tree.map(conv, tree, is_leaf=is_quantized)
 
 
 def fixed_order_sum(x):
@@ -185,7 +215,7 @@ def lm_head(cfg: ModelConfig, params, x, inv: bool = False):
         logits = dense(x, params["lm_head"], inv, out_dtype=jnp.float32)
     else:
         e = params["embed"]
-        logits = dense(x, e if is_quantized(e) else e.T, inv, out_dtype=jnp.float32)
+        logits = dense(x, e, inv, out_dtype=jnp.float32, transposed=not is_quantized(e))
     return softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
 
 
@@ -344,6 +374,7 @@ def decoder_layers(cfg: ModelConfig, layer_params, x, kc, vc, inp: StepInputs, w
     def layer_fn(carry, xs):
         x, kc, vc = carry
         lp, window, freq, layer = xs
+        lp = unpack_bf16(lp)  # bf16 weights held as bits on CPU (pack_bf16_layers)
         h = rms_norm(x, lp["attn_norm"], eps, inv)
         q, k, v = qkv(cfg, lp, h, inp.positions, freq, inv)
         kc = write_kv(kc, layer, flat_slots, k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim))

@@ -119,10 +119,11 @@ def _stack(ws) -> Int4Weight:
 
 
 # ------------------------------------------------------------------------------------------------ activations
-def _layer_impl(cfg: ModelConfig, lp, x, inv_freq, window, kv_int8: bool = False):
+def _layer_impl(cfg: ModelConfig, lp, x, inv_freq, window, kv_dtype: str = "float32"):
     """One decoder layer over x [S, T, D] with full causal attention (the math of models/reference.py, batched)
-    -> (x, the inputs of its four groups of linear layers). `kv_int8`: K/V pass through the int8 KV cache's
-    per-(token, head) quantization first, as the engine's attention reads them."""
+    -> (x, the inputs of its four groups of linear layers). `kv_dtype` "int8": K/V pass through the int8 KV
+    cache's per-(token, head) quantization first, as the engine's attention reads them; "bfloat16": they are
+    rounded to bfloat16 as the bf16 cache stores them."""
     from jaxserve.models.transformer import activation, dense, qkv, rms_norm, softcap
     from jaxserve.weights.quantize import Int8KV, quantize_kv_int8
 
@@ -132,8 +133,10 @@ def _layer_impl(cfg: ModelConfig, lp, x, inv_freq, window, kv_int8: bool = False
     G = cfg.num_heads // cfg.num_kv_heads
     h = rms_norm(x, lp["attn_norm"], eps)
     q, k, v = qkv(cfg, lp, h, pos, inv_freq)
-    if kv_int8:
+    if kv_dtype == "int8":
         k, v = Int8KV(*quantize_kv_int8(k))[...], Int8KV(*quantize_kv_int8(v))[...]
+    elif kv_dtype == "bfloat16":
+        k, v = k.astype(jnp.bfloat16).astype(k.dtype), v.astype(jnp.bfloat16).astype(v.dtype)
     k = jnp.repeat(k, G, axis=2)
     v = jnp.repeat(v, G, axis=2)
     s = jnp.einsum("sqhd,skhd->shqk", q, k) * cfg.attn_scale
@@ -167,8 +170,8 @@ def _layer(cfg: ModelConfig, lp, x, inv_freq, window):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _layer_x(cfg: ModelConfig, lp, x, inv_freq, window, kv_int8=False):
-    return _layer_impl(cfg, lp, x, inv_freq, window, kv_int8)[0]
+def _layer_x(cfg: ModelConfig, lp, x, inv_freq, window, kv_dtype="float32"):
+    return _layer_impl(cfg, lp, x, inv_freq, window, kv_dtype)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -182,11 +185,12 @@ def _nll(cfg: ModelConfig, params, x, tokens):
     return jnp.sum(lse - tgt)
 
 
-def perplexity(cfg: ModelConfig, params: dict, tokens: np.ndarray, kv_int8: bool = False, batch: int = 4) -> float:
+def perplexity(cfg: ModelConfig, params: dict, tokens: np.ndarray, kv_dtype: str = "float32", batch: int = 4) -> float:
     """exp(mean next-token NLL) of `tokens` [S, T] under `params` (float or quantized; the model's own dense),
-    full causal attention per row; `kv_int8` quantizes K/V as the int8 KV cache does."""
-    from jaxserve.models.transformer import embed_tokens, rope_inv_freq
+    full causal attention per row; K/V stored as the engine's `kv_dtype` cache stores them (int8, bfloat16)."""
+    from jaxserve.models.transformer import embed_tokens, rope_inv_freq, unpack_bf16
 
+    params = unpack_bf16(params)  # an engine's bf16 layer weights are held as bits on CPU
     inv_freq = rope_inv_freq(cfg)
     windows = cfg.layer_windows()
     total = 0.0
@@ -195,7 +199,7 @@ def perplexity(cfg: ModelConfig, params: dict, tokens: np.ndarray, kv_int8: bool
         x = embed_tokens(cfg, params, t)
         for li in range(cfg.num_layers):
             lp = {k: v[li] for k, v in params["layers"].items()}
-            x = _layer_x(cfg, lp, x, jnp.asarray(inv_freq[li]), jnp.int32(windows[li]), kv_int8)
+            x = _layer_x(cfg, lp, x, jnp.asarray(inv_freq[li]), jnp.int32(windows[li]), kv_dtype)
         total += float(_nll(cfg, {k: v for k, v in params.items() if k != "layers"}, x, t))
     return float(np.exp(total / (tokens.shape[0] * (tokens.shape[1] - 1))))
 
