@@ -14,6 +14,7 @@ from jaxserve.models.reference import reference_forward
 from jaxserve.weights import quantize as qz
 from jaxserve.weights.calibrate import perplexity
 from jaxserve.weights.random_init import random_params
+from tests.test_quant import KV_STORED
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 from eval_quality import evaluate, greedy_agreement, markdown  # noqa: E402
@@ -53,8 +54,7 @@ def test_perplexity_low_precision_kv_matches_reference_with_that_kv(monkeypatch,
     plain = perplexity(cfg, p, toks)
     qkv = refmod.qkv
 
-    def store(t):
-        return qz.Int8KV(*qz.quantize_kv_int8(t))[...] if kv == "int8" else t.astype(jnp.bfloat16).astype(t.dtype)
+    store = KV_STORED[kv]
 
     def qkv_stored(*a, **kw):
         q, k, v = qkv(*a, **kw)

@@ -232,24 +232,33 @@ def test_quantized_weights_shrink_resident_bytes():
     assert i4 < i8 < 0.3 * f
 
 
-def test_engine_int8_kv_matches_reference_with_quantized_kv(llm_factory, monkeypatch):
-    """Engine with int8 KV == the reference forward whose K/V are quantized per (token, head) the same way."""
+# How each KV cache dtype stores a K/V value (what the engine's attention reads back).
+KV_STORED = {"int8": lambda t: qz.Int8KV(*qz.quantize_kv_int8(t))[...],
+             "bfloat16": lambda t: t.astype(jnp.bfloat16).astype(t.dtype)}
+
+
+@pytest.mark.parametrize("kv", ["int8", "bfloat16"])
+def test_engine_low_precision_kv_matches_reference_with_that_kv(llm_factory, monkeypatch, kv):
+    """Engine with an int8 (per token and head) or bf16 KV cache == the reference forward whose K/V are stored
+    the same way. On CPU the bf16 cache holds its bits (Bf16KV; tests/test_bf16.py)."""
     import jaxserve.models.reference as refmod
 
-    llm = llm_factory("tiny-gemma3", **TINY_KW, kv_cache_dtype="int8")
-    kv = llm.engine.runner.kv
-    assert kv["k"].q.dtype == jnp.int8 and kv["k"].scales.shape == kv["k"].q.shape[:-1]
+    llm = llm_factory("tiny-gemma3", **TINY_KW, kv_cache_dtype=kv)
+    c = llm.engine.runner.kv["k"]
+    if kv == "int8":
+        assert c.q.dtype == jnp.int8 and c.scales.shape == c.q.shape[:-1]
+    else:
+        assert isinstance(c, qz.Bf16KV) and c.bits.dtype == jnp.uint16
     prompts = _mixed_prompts(llm.model_config.vocab_size, [3, 30, 90], seed=5)
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
     outs = llm.generate(prompts, sp)
-    qkv = refmod.qkv
+    qkv, store = refmod.qkv, KV_STORED[kv]
 
-    def qkv_int8(*a, **kw):
+    def qkv_stored(*a, **kw):
         q, k, v = qkv(*a, **kw)
-        deq = lambda t: qz.Int8KV(*qz.quantize_kv_int8(t))[...]  # noqa: E731
-        return q, deq(k), deq(v)
+        return q, store(k), store(v)
 
-    monkeypatch.setattr(refmod, "qkv", qkv_int8)
+    monkeypatch.setattr(refmod, "qkv", qkv_stored)
     _check_against_reference(llm, prompts, outs, 6)
 
 
