@@ -408,6 +408,6 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.fl
     shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
     if jnp.dtype(dtype) == jnp.int8:
         return {"k": Int8KV.zeros(shape), "v": Int8KV.zeros(shape)}
-    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+    if Bf16KV.used_for(dtype):
         return {"k": Bf16KV.zeros(shape), "v": Bf16KV.zeros(shape)}
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -91,7 +91,7 @@ class Placement:
         if jnp.dtype(dtype) == jnp.int8:
             s_sh = NamedSharding(self.mesh, P(*tuple(self.kv_sharding.spec)[:-1]))
             make = jax.jit(lambda: Int8KV.zeros(shape), out_shardings=Int8KV(self.kv_sharding, s_sh))
-        elif jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+        elif Bf16KV.used_for(dtype):
             make = jax.jit(lambda: Bf16KV.zeros(shape), out_shardings=Bf16KV(self.kv_sharding))
         else:
             make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.kv_sharding)

@@ -389,6 +389,11 @@ class Bf16KV:
     bits: jax.Array
 
     @staticmethod
+    def used_for(dtype) -> bool:
+        """Whether a KV cache of `dtype` is kept as a Bf16KV here (bfloat16 on XLA:CPU)."""
+        return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+    @staticmethod
     def zeros(shape) -> "Bf16KV":
         return Bf16KV(jnp.zeros(shape, jnp.uint16))
 
