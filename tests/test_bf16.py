@@ -63,13 +63,25 @@ def test_bf16_step_converts_no_whole_cache_or_layer_stack(llm_factory, dtype, kv
         assert not _f32_copies(hlo, shapes), (bucket, _f32_copies(hlo, shapes)[:3])
 
 
-def test_engine_bf16_weights_match_the_bf16_reference(llm_factory):
+# Weight-only quantization under dtype=bfloat16: the quantized values stay int8 / packed int4, the scales and
+# the rest of the model are bf16 (the quantized matmul dequantizes and multiplies as for float32 weights).
+BF16_QUANT = {"plain": {}, "int8+embed": dict(quantization="int8", quantize_embed=True),
+              "int4": dict(quantization="int4", quant_group_size=16)}
+
+
+@pytest.mark.parametrize("quant", list(BF16_QUANT))
+def test_engine_bf16_weights_match_the_bf16_reference(llm_factory, quant):
     """bf16 weights + bf16 KV: every greedy token is within BF16_LOGIT_TOL of the argmax of the reference forward
-    run on the same bf16 weights (bf16 rounds activations at 2^-8 relative; the two sum in different orders)."""
+    run on the same bf16 weights (bf16 rounds activations at 2^-8 relative; the two sum in different orders).
+    Also with int8 (LM head included) and int4 weights on top of bf16."""
     from jaxserve.models.reference import reference_forward
 
-    llm = llm_factory("tiny-gemma3", **TINY_KW, dtype="bfloat16", kv_cache_dtype="bfloat16")
+    llm = llm_factory("tiny-gemma3", **TINY_KW, dtype="bfloat16", kv_cache_dtype="bfloat16", **BF16_QUANT[quant])
     cfg = llm.model_config
+    layers = llm.engine.runner.params["layers"]
+    if quant != "plain":
+        assert all(qz.is_quantized(layers[k]) for k in qz.LINEAR_KEYS)
+        assert qz.is_quantized(llm.engine.runner.params["embed"]) == ("embed" in quant)
     prompts = _mixed_prompts(cfg.vocab_size, [3, 30, 90], seed=5)
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
     outs = llm.generate(prompts, sp)
