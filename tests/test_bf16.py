@@ -116,3 +116,28 @@ def test_float_matmul_bf16_accumulates_in_f32():
     a = jnp.ones((3, 256), jnp.float32)
     np.testing.assert_array_equal(np.asarray(float_matmul(a, w.astype(jnp.float32))),
                                   np.asarray(a @ w.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_matmul_with_bf16_activations_accumulates_in_f32(bits):
+    """int8 / int4 weights times bf16 activations: bf16 dots accumulated in f32 (dot_f32), the chunked output
+    kept in f32 and rounded once to the requested dtype. (Before, the chunk dots had a bf16 result, which
+    XLA:CPU upcasts, and a quantized LM head returned bf16-rounded logits under dtype=bfloat16.)"""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+    w = np.asarray(jax.random.normal(k1, (256, 4096), jnp.float32)) * 0.05  # two 2,048-column chunks
+    qw = qz.quantize_int8(w) if bits == 8 else qz.quantize_int4(w, 64)
+    qw = jax.tree.map(jnp.asarray, qw)
+    if bits == 8:  # int8 values are exact in bf16; the f32 scales multiply the f32 sums
+        deq = np.asarray(qw.dequantize(jnp.float32))
+    else:  # the int4 path dequantizes its tile in the activations' dtype: bf16(q * bf16(scale))
+        s16 = jnp.repeat(qw.scales.astype(jnp.bfloat16), 64, axis=0)
+        deq = np.asarray((qw.int_values().astype(jnp.bfloat16) * s16).astype(jnp.float32))
+    for m in (1, 3):
+        x = jax.random.normal(k2, (m, 256), jnp.float32).astype(jnp.bfloat16)
+        want = np.asarray(x, np.float32) @ deq
+        got = qw.matmul(x, jnp.float32)
+        assert got.dtype == jnp.float32 and got.shape == (m, 4096)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+        got16 = qw.matmul(x)
+        assert got16.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got16), np.asarray(got.astype(jnp.bfloat16)))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.weights.quantize import Bf16KV, Int8KV, is_quantized
+from jaxserve.weights.quantize import Bf16KV, Int8KV, dot_f32, is_quantized
 
 
 class StepInputs(NamedTuple):
@@ -57,7 +57,7 @@ def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = Fals
     """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant`, on 2..32-row tiles (see ROW_TILE).
 
     `w` may be a quantized weight (jaxserve/weights/quantize.py: Int8Weight / Int4Weight), then `w.matmul`."""
-    mm = w.matmul if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype, transposed))
+    mm = (lambda a: w.matmul(a, out_dtype)) if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype, transposed))
     n_out = w.shape[0] if transposed and not is_quantized(w) else w.shape[-1]
     if not invariant:
         return mm(x)
@@ -90,14 +90,8 @@ def float_matmul(a, w, out_dtype=None, transposed: bool = False):
         return a @ (w.T if transposed else w)
     lead, K = a.shape[:-1], a.shape[-1]
     N = w.shape[0] if transposed else w.shape[-1]
-    a2 = a.reshape(-1, K)
-    one = a2.shape[0] == 1 and jax.default_backend() == "cpu"
-    if one:
-        a2 = jnp.concatenate([a2, a2])
     dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
-    y = jax.lax.dot_general(a2, w, dims, preferred_element_type=jnp.float32)
-    if one:
-        y = y[:1]
+    y = dot_f32(a.reshape(-1, K), w, dims)
     return y.reshape(*lead, N).astype(out_dtype or a.dtype)
 
 
@@ -201,7 +195,10 @@ def softcap(x, cap: Optional[float]):
 
 def embed_tokens(cfg: ModelConfig, params, tokens):
     e = params["embed"]  # a quantized embedding is stored as the LM head's [D, V] (weights/quantize.py)
-    x = e.take_rows(tokens) if is_quantized(e) else jnp.take(e, tokens, axis=0)
+    if is_quantized(e):  # rows dequantized in f32, then the compute dtype (that of the float parameters)
+        x = e.take_rows(tokens).astype(params["final_norm"].dtype)
+    else:
+        x = jnp.take(e, tokens, axis=0)
     if cfg.embed_scale:
         # Gemma multiplies by sqrt(D) rounded to the compute dtype.
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=x.dtype)

@@ -42,13 +42,35 @@ LINEAR_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 CHUNK_COLS = 2048
 
 
+def dot_f32(a, w, dims=(((1,), (0,)), ((), ()))):
+    """a [M, K] contracted with w by `dims` (default a @ w), accumulated and returned in float32.
+
+    For narrow floats (bf16) this is the fast XLA:CPU dot (AVX512-BF16); a dot with a bf16 *result* is upcast
+    instead (both operands converted to f32 on every call). One-row bf16 dots take a slow matrix-vector path on
+    XLA:CPU, so on CPU a single row is computed as two. (`models.transformer.float_matmul` uses it for bf16
+    weights, the quantized matmuls below for bf16 activations.)
+    """
+    one = a.shape[0] == 1 and jax.default_backend() == "cpu"
+    if one:
+        a = jnp.concatenate([a, a])
+    y = jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
+    return y[:1] if one else y
+
+
+def _int8_block(x, w_q, scales):
+    """x [M, K] @ (w_q * scales) for one block of columns. float32 x: an f32 dot (the reference numerics);
+    narrow x (bf16): the int8 values as bf16 (exact) in a bf16 dot accumulated in f32; f32 result either way."""
+    if x.dtype == jnp.float32:
+        return (x @ w_q.astype(x.dtype)) * scales.astype(x.dtype)
+    return dot_f32(x, w_q.astype(x.dtype)) * scales.astype(jnp.float32)
+
+
 def _int8_mm(x, w_q, scales, chunk):
-    """x [M, K] @ (w_q int8 [K, N] * scales [N]) with N walked in chunks."""
+    """x [M, K] @ (w_q int8 [K, N] * scales [N]) with N walked in chunks; float32 [M, N]."""
     K, N = w_q.shape
     if chunk is None or N <= chunk or N % chunk:
-        return (x @ w_q.astype(x.dtype)) * scales.astype(x.dtype)
-    return _column_chunks(x, N, chunk, lambda i: (x @ _cols(w_q, i, chunk).astype(x.dtype))
-                          * _cols(scales, i, chunk).astype(x.dtype))
+        return _int8_block(x, w_q, scales)
+    return _column_chunks(x, N, chunk, lambda i: _int8_block(x, _cols(w_q, i, chunk), _cols(scales, i, chunk)))
 
 
 def _cols(a, i, chunk):
@@ -64,9 +86,11 @@ def _column_chunks(x, N, chunk, block):
     array the embedding lookup also reads, that copy cost ~100 ms per decode step.)
     """
     def body(i, y):
-        return jax.lax.dynamic_update_slice_in_dim(y, block(i).astype(y.dtype), i * chunk, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(y, block(i), i * chunk, axis=1)
 
-    return jax.lax.fori_loop(0, N // chunk, body, jnp.zeros((x.shape[0], N), x.dtype))
+    # The output is float32 whatever x is: XLA:CPU has no bf16 dynamic-update-slice (it would convert the
+    # whole [M, N] output to f32 and back at every chunk); callers round it once at the end.
+    return jax.lax.fori_loop(0, N // chunk, body, jnp.zeros((x.shape[0], N), jnp.float32))
 
 
 def unpack_int4(w_q):
@@ -90,13 +114,16 @@ def pack_int4(q):
 
 
 def _int4_mm(x, w_q, scales, group_size):
-    """x [M, K] @ int4 weight: two half-K dots (low nibbles take x[:, :K/2], high nibbles x[:, K/2:])."""
+    """x [M, K] @ int4 weight: two half-K dots (low nibbles take x[:, :K/2], high nibbles x[:, K/2:]); f32."""
     half = w_q.shape[0]
     b = w_q.astype(jnp.int32)
     lo = (((b & 0xF) ^ 8) - 8).astype(x.dtype)
     hi = ((((b >> 4) & 0xF) ^ 8) - 8).astype(x.dtype)
     s = jnp.repeat(scales.astype(x.dtype), group_size, axis=0)  # [K, N]
-    return x[:, :half] @ (lo * s[:half]) + x[:, half:] @ (hi * s[half:])
+    if x.dtype == jnp.float32:
+        return x[:, :half] @ (lo * s[:half]) + x[:, half:] @ (hi * s[half:])
+    # narrow x (bf16): the dequantized weight rounded to bf16, bf16 dots accumulated in f32 (see dot_f32)
+    return dot_f32(x[:, :half], lo * s[:half]) + dot_f32(x[:, half:], hi * s[half:])
 
 
 def _int4_mm_chunked(x, w_q, scales, group_size, chunk):
@@ -130,11 +157,11 @@ class Int8Weight:
     def __getitem__(self, i):
         return Int8Weight(self.w_q[i], self.scales[i], self.chunk)
 
-    def matmul(self, x):
-        """x [..., K] -> [..., N] in x.dtype (float32 accumulation for float32 x)."""
+    def matmul(self, x, out_dtype=None):
+        """x [..., K] -> [..., N] in `out_dtype` (default x.dtype), accumulated in float32."""
         lead = x.shape[:-1]
         y = _int8_mm(x.reshape(-1, x.shape[-1]), self.w_q, self.scales, self.chunk)
-        return y.reshape(*lead, self.shape[-1])
+        return y.reshape(*lead, self.shape[-1]).astype(out_dtype or x.dtype)
 
     def dequantize(self, dtype=jnp.float32):
         return (self.w_q.astype(jnp.float32) * self.scales[..., None, :].astype(jnp.float32)).astype(dtype)
@@ -174,10 +201,11 @@ class Int4Weight:
     def __getitem__(self, i):
         return Int4Weight(self.w_q[i], self.scales[i], self.group_size, self.chunk)
 
-    def matmul(self, x):
+    def matmul(self, x, out_dtype=None):
+        """x [..., K] -> [..., N] in `out_dtype` (default x.dtype), accumulated in float32."""
         lead = x.shape[:-1]
         y = _int4_mm_chunked(x.reshape(-1, x.shape[-1]), self.w_q, self.scales, self.group_size, self.chunk)
-        return y.reshape(*lead, self.shape[-1])
+        return y.reshape(*lead, self.shape[-1]).astype(out_dtype or x.dtype)
 
     def int_values(self):
         return unpack_int4(self.w_q)
