@@ -3,11 +3,12 @@
 with HF transformers (CPU torch) at batch 1 on the same prompt in the same run; plus start-up time.
 
     python scripts/bench_decode.py [--batches 1 8 32] [--new-tokens 64] [--no-hf] [--no-startup]
-                                   [--configs fp32 int8 int4 ...]
+                                   [--configs fp32 int8 int4 ...] [--rounds 3]
 
-`--configs` runs the same measurement for each weight format in one process, one engine after the other:
+`--configs` runs the same measurement for each weight format in one process, in `--rounds` interleaved rounds:
 fp32 (unquantized), int8 / int4 (weight-only, linear layers; round to nearest), `+head` variants that also
-quantize the embedding / tied LM head, kv-int8 / kv-bf16 (float weights, int8 / bfloat16 KV cache). See docs/quantization.md.
+quantize the embedding / tied LM head, kv-int8 / kv-bf16 (float weights, int8 / bfloat16 KV cache), bf16
+(bf16 weights and KV), int8+head+bf16 (int8 weights, bf16 activations and KV). See docs/quantization.md.
 
 Writes bench_results/decode.json and prints a Markdown table. Decode tokens/s counts only decode steps
 (prefill is timed separately), so batch sizes compare the memory-bound phase directly.
@@ -53,6 +54,7 @@ CONFIGS = {
     "kv-int8": dict(kv_cache_dtype="int8"),
     "kv-bf16": dict(kv_cache_dtype="bfloat16"),
     "bf16": dict(dtype="bfloat16", kv_cache_dtype="bfloat16"),
+    "int8+head+bf16": dict(quantization="int8", quantize_embed=True, dtype="bfloat16", kv_cache_dtype="bfloat16"),
 }
 
 
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds over the configs; the table shows the median step time")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up measurement")
     ap.add_argument("--batch-invariant", action="store_true", help="run jaxserve in batch-invariant mode")
@@ -124,34 +128,51 @@ def main(argv=None) -> int:
     result = {"machine": {"cpus": os.cpu_count()}, "rows": [], "command": " ".join(["python"] + sys.argv)}
     bw = measure_bandwidth()
     result["machine"]["copy_bandwidth_GBps"] = bw / 1e9
+    # Every engine is built first and kept; then `--rounds` rounds each time every (config, batch) once, the
+    # config order rotated per round. This machine has slow phases (a step ~3x slower for seconds to minutes,
+    # same process and executable), so configs timed one block after the other can land in different phases;
+    # interleaved rounds and the median over rounds keep the side-by-side comparison fair.
+    per_seq_pages = -(-(128 + args.new_tokens) // 16) + 1
+    engines = {}
     for config in args.configs:
         t0 = time.monotonic()
-        llm = LLM("gemma3-270m", max_num_seqs=max(args.batches), max_model_len=1024,
-                  batch_invariant=args.batch_invariant, **CONFIGS[config])
+        engines[config] = LLM("gemma3-270m", max_num_seqs=max(args.batches), max_model_len=1024,
+                              num_pages=max(args.batches) * per_seq_pages + 1,
+                              batch_invariant=args.batch_invariant, **CONFIGS[config])
         result.setdefault("jaxserve_startup_s", {})[config] = time.monotonic() - t0
-        run_steps(llm, 1, 4)  # warm caches and allocator
+        run_steps(engines[config], 1, 4)  # warm caches and allocator
+    samples = {(c, b): [] for c in args.configs for b in args.batches}
+    for rnd in range(args.rounds):
+        order = args.configs[rnd % len(args.configs):] + args.configs[:rnd % len(args.configs)]
+        for config in order:
+            for b in args.batches:
+                samples[(config, b)].append(run_steps(engines[config], b, args.new_tokens))
+    for config in args.configs:
+        llm = engines[config]
         for b in args.batches:
-            r = run_steps(llm, b, args.new_tokens)
-            steps = r["decode_tokens"] / b
-            step_s = r["decode_seconds"] / steps
+            runs = samples[(config, b)]
+            step_ms = sorted(r["decode_seconds"] / (r["decode_tokens"] / b) * 1e3 for r in runs)
+            med = float(np.median(step_ms))
+            r = runs[0]
             ctx = r["prompt_tokens"] + args.new_tokens // 2
             by = step_bytes(llm, b, ctx)
+            pre = [x["prefill_tokens"] / x["prefill_seconds"] for x in runs if x["prefill_seconds"]]
             result["rows"].append({
                 "engine": "jaxserve", "config": config, "batch": b,
-                "decode_tok_s": r["decode_tokens"] / r["decode_seconds"],
-                "step_ms": step_s * 1e3, "bytes_per_step": by["total"], "weight_bytes": by["weights"],
-                "kv_bytes": by["kv"], "achieved_GBps": by["total"] / step_s / 1e9,
-                "roofline_fraction": (by["total"] / step_s) / bw,
-                "prefill_tok_s": r["prefill_tokens"] / r["prefill_seconds"] if r["prefill_seconds"] else None,
+                "decode_tok_s": b / (med / 1e3), "step_ms": med, "step_ms_rounds": step_ms,
+                "bytes_per_step": by["total"], "weight_bytes": by["weights"],
+                "kv_bytes": by["kv"], "achieved_GBps": by["total"] / (med / 1e3) / 1e9,
+                "roofline_fraction": (by["total"] / (med / 1e3)) / bw,
+                "prefill_tok_s": float(np.median(pre)) if pre else None,
             })
             print(json.dumps(result["rows"][-1]), flush=True)
-        del llm
-        import gc
+    del engines, llm
+    import gc
 
-        import jax
+    import jax
 
-        gc.collect()
-        jax.clear_caches()
+    gc.collect()
+    jax.clear_caches()
 
     if not args.no_hf:
         try:
@@ -176,13 +197,15 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=1)
     print()
     print(f"Machine copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
-    print("| engine | weights | batch | decode tok/s | vs fp32 | step ms | bytes/step | achieved GB/s | roofline |")
+    print(f"Median over {args.rounds} interleaved rounds (step ms of every round in the JSON, `step_ms_rounds`)")
+    print("| engine | weights | batch | decode tok/s | vs fp32 | step ms (min-max) | bytes/step | achieved GB/s | roofline |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = {r["batch"]: r["decode_tok_s"] for r in result["rows"] if r.get("config") == "fp32"}
     for r in result["rows"]:
         if r["engine"] == "jaxserve":
             rel = f"{r['decode_tok_s'] / base[r['batch']]:.2f}x" if r["batch"] in base else ""
-            print(f"| jaxserve | {r['config']} | {r['batch']} | {r['decode_tok_s']:.1f} | {rel} | {r['step_ms']:.1f} | "
+            spread = f"{min(r['step_ms_rounds']):.1f}-{max(r['step_ms_rounds']):.1f}"
+            print(f"| jaxserve | {r['config']} | {r['batch']} | {r['decode_tok_s']:.1f} | {rel} | {r['step_ms']:.1f} ({spread}) | "
                   f"{r['bytes_per_step'] / 1e9:.2f} GB | {r['achieved_GBps']:.1f} | {r['roofline_fraction']:.0%} |")
         else:
             print(f"| {r['engine']} | float32 | {r['batch']} | {r['decode_tok_s']:.1f} | | | | | |")
