@@ -43,6 +43,7 @@ CONFIGS = {
     "int8+head": dict(quantization="int8", quantize_embed=True),
     "int4+head": dict(quantization="int4", quantize_embed=True),
     "gptq+head": dict(quantization="gptq", quantize_embed=True),
+    "int8+head+bf16": dict(quantization="int8", quantize_embed=True, dtype="bfloat16", kv_cache_dtype="bfloat16"),
 }
 DEFAULT_CONFIGS = ["fp32", "int8", "int4", "gptq", "kv-int8", "int8+head"]
 
