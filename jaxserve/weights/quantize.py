@@ -45,12 +45,14 @@ CHUNK_COLS = 2048
 def dot_f32(a, w, dims=(((1,), (0,)), ((), ()))):
     """a [M, K] contracted with w by `dims` (default a @ w), accumulated and returned in float32.
 
-    For narrow floats (bf16) this is the fast XLA:CPU dot (AVX512-BF16); a dot with a bf16 *result* is upcast
-    instead (both operands converted to f32 on every call). One-row bf16 dots take a slow matrix-vector path on
-    XLA:CPU, so on CPU a single row is computed as two. (`models.transformer.float_matmul` uses it for bf16
-    weights, the quantized matmuls below for bf16 activations.)
+    Two float32 operands: exactly `a @ w` (the reference numerics). With a narrow float (bf16) operand this is
+    the fast XLA:CPU dot (AVX512-BF16); a dot with a bf16 *result* is upcast instead (both operands converted to
+    f32 on every call). One-row bf16 dots take a slow matrix-vector path on XLA:CPU, so on CPU a single row is
+    then computed as two. (`models.transformer.float_matmul` uses it for bf16 weights, the quantized matmuls
+    below for every activation dtype.)
     """
-    one = a.shape[0] == 1 and jax.default_backend() == "cpu"
+    narrow = a.dtype != jnp.float32 or w.dtype != jnp.float32
+    one = narrow and a.shape[0] == 1 and jax.default_backend() == "cpu"
     if one:
         a = jnp.concatenate([a, a])
     y = jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
@@ -58,10 +60,8 @@ def dot_f32(a, w, dims=(((1,), (0,)), ((), ()))):
 
 
 def _int8_block(x, w_q, scales):
-    """x [M, K] @ (w_q * scales) for one block of columns. float32 x: an f32 dot (the reference numerics);
-    narrow x (bf16): the int8 values as bf16 (exact) in a bf16 dot accumulated in f32; f32 result either way."""
-    if x.dtype == jnp.float32:
-        return (x @ w_q.astype(x.dtype)) * scales.astype(x.dtype)
+    """x [M, K] @ (w_q * scales) for one block of columns, float32: the int8 values in x's dtype (exact in
+    bf16 too) times x, accumulated in f32 (dot_f32), then the f32 scales."""
     return dot_f32(x, w_q.astype(x.dtype)) * scales.astype(jnp.float32)
 
 
@@ -119,10 +119,7 @@ def _int4_mm(x, w_q, scales, group_size):
     b = w_q.astype(jnp.int32)
     lo = (((b & 0xF) ^ 8) - 8).astype(x.dtype)
     hi = ((((b >> 4) & 0xF) ^ 8) - 8).astype(x.dtype)
-    s = jnp.repeat(scales.astype(x.dtype), group_size, axis=0)  # [K, N]
-    if x.dtype == jnp.float32:
-        return x[:, :half] @ (lo * s[:half]) + x[:, half:] @ (hi * s[half:])
-    # narrow x (bf16): the dequantized weight rounded to bf16, bf16 dots accumulated in f32 (see dot_f32)
+    s = jnp.repeat(scales.astype(x.dtype), group_size, axis=0)  # [K, N], dequantized in x's dtype
     return dot_f32(x[:, :half], lo * s[:half]) + dot_f32(x[:, half:], hi * s[half:])
 
 
