@@ -122,6 +122,8 @@ def main(argv=None) -> int:
                     help="weight / KV formats to measure side by side (default: fp32 int8 int4)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_results", "decode.json"))
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     from jaxserve import LLM
 
