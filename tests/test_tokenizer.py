@@ -202,19 +202,29 @@ def test_gemma_tokenizer_known_ids(gemma_tok):
 
 @pytest.mark.slow
 def test_gemma_tokenizer_matches_transformers_gguf(gemma_tok):
-    """Same ids as transformers' own GGUF tokenizer (AutoTokenizer.from_pretrained(..., gguf_file=...))."""
+    """The tokenizer built without transformers (jaxserve.weights.gguf_tokenizer) is the one transformers' own
+    GGUF converter builds (AutoTokenizer.from_pretrained(..., gguf_file=...); test extra, pinned): the same
+    tokenizer.json except the post-processor (jaxserve adds BOS itself), and the same ids on real text."""
+    import json
     import os
 
+    from pydoc_data.topics import topics
     from transformers import AutoTokenizer
 
     from jaxserve.weights.resolve import embedded_gguf_path
 
     path = embedded_gguf_path()
     hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    built = Tokenizer.from_gguf(path)
+    want, got = json.loads(hf.backend_tokenizer.to_str()), json.loads(built.to_json())
+    want.pop("post_processor"), got.pop("post_processor")
+    assert got == want
+    assert (built.bos_id, built.eos_ids[0], built.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
     texts = ["Hello world", " leading space", "a  b   c\n\n\ttab", MULTIBYTE, "<start_of_turn>user\nhi<end_of_turn>\n",
              "def f(x):\n    return x ** 2  # square", "1234567890 3.14159"]
+    texts += [topics[k][:2000] for k in sorted(topics)[::8]]
     for t in texts:
-        assert gemma_tok.encode(t) == hf.encode(t), t  # hf adds <bos> (add_bos_token in the GGUF)
+        assert gemma_tok.encode(t) == built.encode(t) == hf.encode(t), t[:80]  # hf adds <bos> (add_bos_token)
         assert gemma_tok.decode(gemma_tok.encode(t)) == hf.decode(hf.encode(t), skip_special_tokens=True)
 
 

@@ -175,7 +175,7 @@ def _field_value(field) -> Any:
 
 
 # Arrays of this many items or more are not decoded into the metadata dict (the vocabulary, merges, scores):
-# only their length is recorded, under "<key>.length". The tokenizer is rebuilt from the file by transformers.
+# only their length is recorded, under "<key>.length". The tokenizer is built from the file by gguf_tokenizer.
 _BIG_ARRAY = 4096
 
 

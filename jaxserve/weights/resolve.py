@@ -271,7 +271,7 @@ def _convert_embedded(name: str, out: str) -> ResolvedModel:
     preset = PRESETS[EMBEDDED[name][1]]
     ids = _tok_ids(tokenizer_defaults(preset))
     t_assemble = time.perf_counter() - t0
-    # The tokenizer conversion is pure Python (~15 s) and dequantization mostly numpy with the GIL released,
+    # The tokenizer conversion is mostly Python (~3 s) and dequantization mostly numpy with the GIL released,
     # so running them side by side hides the weights' time.
     def build_tokenizer():
         if os.path.isfile(os.path.join(out, "tokenizer.json")):  # only the params of an earlier cache were bad
