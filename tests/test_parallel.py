@@ -22,8 +22,9 @@ from jaxserve.errors import InvalidConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGPROB_TOL = 1e-3  # measured: <= 2e-6 (tiny models), see the README, "Running on many devices"
 # With an int8 KV cache, a K/V value whose float input differs in the last bits between layouts can round to the
-# neighbouring int8 level (1/127 of its row's absmax): measured 6.8e-3 on Gemma 3 270M, 2e-6 on tiny models.
-KV_INT8_LOGPROB_TOL = 2e-2
+# neighbouring int8 level (1/127 of its row's absmax): measured 6.8e-3 on Gemma 3 270M, 2e-6 on tiny models; on
+# a later machine of the same kind (AMX-BF16 CPU) 3.9e-2 for Gemma 3 270M at model=2, same greedy tokens.
+KV_INT8_LOGPROB_TOL = 5e-2
 
 
 def run_check(*args, timeout=1500) -> dict:

@@ -41,6 +41,10 @@ class StepInputs(NamedTuple):
 # rows), and the three give slightly different per-row results. Running every matmul on 2..32-row tiles makes
 # a token's result independent of how many tokens share its step (batch invariance; tests/test_batch_invariance).
 ROW_TILE = 32
+# ... and the fewest rows a tile may have. 2..32 rows were one regime on the first machines measured, but on a
+# CPU with AMX-BF16 a 2-row bf16 x bf16 -> f32 dot sums differently from 3..32 rows (measured: row 0 differs by
+# up to 1.5e-4 at 2 rows, bitwise equal at 3, 4, 8, 16, 32), so the one- and two-row cases run as four rows.
+MIN_TILE_ROWS = 4
 # Query tokens per attention dot, so that (tokens x query heads per KV head) stays in one regime too, and
 # rows per attention chunk (batched dots also change summation order with the batch size).
 ATTN_M = 16
@@ -54,7 +58,7 @@ def attn_query_tile(cfg: ModelConfig) -> int:
 
 
 def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = False):
-    """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant`, on 2..32-row tiles (see ROW_TILE).
+    """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant`, on 4..32-row tiles (see ROW_TILE).
 
     `w` may be a quantized weight (jaxserve/weights/quantize.py: Int8Weight / Int4Weight), then `w.matmul`."""
     mm = (lambda a: w.matmul(a, out_dtype)) if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype, transposed))
@@ -64,8 +68,8 @@ def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = Fals
     lead, K = x.shape[:-1], x.shape[-1]
     M = math.prod(lead)
     x2 = x.reshape(M, K)
-    if M == 1:
-        y = mm(jnp.concatenate([x2, x2]))[:1]
+    if M < MIN_TILE_ROWS:
+        y = mm(jnp.pad(x2, ((0, MIN_TILE_ROWS - M), (0, 0))))[:M]
     elif M <= ROW_TILE:
         y = mm(x2)
     else:
