@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -61,13 +62,20 @@ class LLM:
 
             self.engine, self.model_config, self.tokenizer, _ = build_parallel_engine(
                 model, mesh, self.engine_config, random_weights=random_weights, tokenizer=tokenizer,
-                speculative=speculative)
+                speculative=speculative, given=set(engine_kwargs))
+            self.engine_config = self.engine.cfg
             t_load = time.monotonic()
         else:
             resolved = resolve_model(model, random_weights=random_weights, seed=self.engine_config.seed)
             params = resolved.params() if callable(resolved.params) else resolved.params
             self.model_config = resolved.config
             self.tokenizer = tokenizer or resolved.tokenizer
+            # On TPU/GPU: bfloat16 and a batch sized from the device's memory, unless given (planner.engine_defaults)
+            from jaxserve.planner import engine_defaults
+
+            defaults = engine_defaults(self.model_config, self.engine_config, given=set(engine_kwargs))
+            if defaults:
+                self.engine_config = dataclasses.replace(self.engine_config, **defaults)
             if self.engine_config.quantization is not None:  # docs/quantization.md
                 from jaxserve.weights.calibrate import quantize_for_engine
 

@@ -117,6 +117,11 @@ def device_names() -> list:
 
 def get_device(name: str, bandwidth_bytes_per_s: Optional[float] = None) -> Device:
     """Look a device up by key or alias, case-insensitively (`A100-80GB`, `a100_80gb`, `TPU v5e` all work)."""
+    if isinstance(name, Device):
+        dev = name
+        if bandwidth_bytes_per_s is not None:
+            dev = Device(dev.key, dev.name, dev.memory_bytes, float(bandwidth_bytes_per_s), dev.memory_note)
+        return dev
     key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
     key = _ALIASES.get(key, _ALIASES.get(key.replace("-", ""), key))
     if key not in DEVICES:
@@ -164,6 +169,52 @@ def detect_device() -> str:
 
     d = jax.devices()[0]
     return device_key_from_kind(d.platform, getattr(d, "device_kind", "")) or "cpu"
+
+
+def device_of(jax_device=None) -> Device:
+    """The planner's Device for a live JAX device (default: `jax.devices()[0]`).
+
+    Memory: what the runtime says the device may allocate (`memory_stats()["bytes_limit"]`, reported by the
+    GPU and TPU runtimes), else the DEVICES table by `device_kind`; a CPU device is this host (total RAM).
+    Bandwidth: the table's figure. An accelerator the table lacks and whose runtime reports no memory raises
+    InvalidConfigError (set kv_cache_bytes / num_pages by hand).
+    """
+    if jax_device is None:
+        import jax
+
+        jax_device = jax.devices()[0]
+    platform = str(getattr(jax_device, "platform", "cpu")).lower()
+    kind = str(getattr(jax_device, "device_kind", ""))
+    key = device_key_from_kind(platform, kind)
+    if platform == "cpu":
+        return DEVICES["cpu"]
+    limit = None
+    try:
+        stats = jax_device.memory_stats()
+        limit = int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+    except Exception:  # not every runtime implements memory_stats (and some raise instead of returning None)
+        limit = None
+    base = DEVICES.get(key) if key else None
+    if base is None and limit is None:
+        raise InvalidConfigError(
+            f"unknown {platform} device {kind!r} and its runtime reports no memory: pass kv_cache_bytes= "
+            f"(or num_pages=) to size the KV cache")
+    if base is None:
+        return Device(platform, kind or platform, limit, DEVICES["h100" if platform == "gpu" else "tpu-v5e"]
+                      .bandwidth_bytes_per_s, f"{fmt_bytes(limit)} as the runtime reports; bandwidth assumed")
+    if limit is None:
+        return base
+    return Device(base.key, base.name, limit, base.bandwidth_bytes_per_s,
+                  f"{fmt_bytes(limit)} allocatable as the runtime reports (memory_stats bytes_limit)")
+
+
+def is_accelerator(jax_device=None) -> bool:
+    """True on TPU and GPU (what changes the engine's defaults: bfloat16, a larger batch)."""
+    if jax_device is None:
+        import jax
+
+        jax_device = jax.devices()[0]
+    return str(getattr(jax_device, "platform", "cpu")).lower() in ("tpu", "gpu", "cuda", "rocm")
 
 
 # ---------------------------------------------------------------------------------------------------- dtypes
@@ -379,24 +430,65 @@ def kv_pages_for_budget(model: ModelConfig, engine_cfg, budget_bytes: int) -> in
     return max(2, int(budget_bytes) // per_page)
 
 
-def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device: str = "cpu") -> int:
-    """KV cache bytes the engine uses when `EngineConfig.kv_cache_bytes` is None.
+def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device="auto", num_devices: int = 1,
+                            replicas: int = 1) -> int:
+    """KV cache bytes (whole-model bytes, as `kv_pages_for_budget` counts them) the engine uses when
+    `EngineConfig.kv_cache_bytes` is None.
 
-    What `plan()` leaves on one `device` after the weights (engine dtype) and the 10% reserve, at the engine's
-    context (`engine_cfg.model_len`); on "cpu" also capped at CPU_DEFAULT_KV_BUDGET_BYTES. device="auto" asks
-    JAX which device this is (`detect_device`). May be 0 when the weights alone fill the device.
+    What `plan()` leaves on each device after its share of the weights (engine dtype) and the 10% reserve,
+    at the engine's context (`engine_cfg.model_len`), times the `num_devices` the KV heads are sharded over
+    (a tensor-parallel or pipeline group; replicated heads count once). `device`: a DEVICES key, a planner
+    `Device`, a live JAX device, or "auto" (`device_of()`: the engine's backend). On the CPU host, where every
+    (forced) device shares the same RAM, the host's budget is capped at CPU_DEFAULT_KV_BUDGET_BYTES and split
+    over `replicas` (data-parallel copies) instead. May be 0 when the weights alone fill the device.
     """
-    if device == "auto":
-        device = detect_device()
+    if isinstance(device, str) and device == "auto":
+        device = device_of()
+    elif not isinstance(device, (str, Device)):  # a JAX device
+        device = device_of(device)
     # Quantized weights leave more of the device to the KV cache; plan() counts every parameter at the quantized
     # width, so only when the embedding is quantized too (otherwise the engine dtype over-counts: safe).
     wdtype = engine_cfg.dtype
     if getattr(engine_cfg, "quantization", None) and getattr(engine_cfg, "quantize_embed", False):
         wdtype = "int8" if engine_cfg.quantization == "int8" else "int4"
-    p = plan(model, device, dtype=wdtype, kv_dtype=engine_cfg.kv_cache_dtype, context=engine_cfg.model_len(model))
-    if p.device == "cpu":
-        return min(CPU_DEFAULT_KV_BUDGET_BYTES, p.kv_budget_bytes)
-    return p.kv_budget_bytes
+    on_host = get_device(device).key == "cpu"
+    p = plan(model, device, dtype=wdtype, kv_dtype=engine_cfg.kv_cache_dtype, context=engine_cfg.model_len(model),
+             num_devices=1 if on_host else num_devices)
+    # a group's cache in whole-model token bytes (each device holds its share of every token)
+    budget = p.kv_budget_bytes if p.num_devices == 1 else p.max_tokens_in_cache * p.kv_bytes_per_token
+    if on_host:
+        return min(CPU_DEFAULT_KV_BUDGET_BYTES, budget) // max(1, replicas)
+    return budget
+
+
+# The largest decode batch the engine picks by itself on TPU/GPU (vLLM's GPU default is 256): bigger batches
+# only add compiled buckets while a step is bandwidth-bound on the weights up to about this size.
+ACCELERATOR_MAX_NUM_SEQS = 256
+
+
+def engine_defaults(model: ModelConfig, engine_cfg, jax_device=None, num_devices: int = 1, given=()) -> dict:
+    """EngineConfig fields the engine derives from the device it runs on, for those the user did not give.
+
+    On TPU/GPU: dtype and kv_cache_dtype bfloat16 (the models' native width; float32 stays the CPU default,
+    the reference numerics), and max_num_seqs = the largest power of two <= min(ACCELERATOR_MAX_NUM_SEQS,
+    full-context sequences the KV budget holds), at least 1. On CPU: nothing changes.
+    `given`: names of fields the user set (left alone).
+    """
+    import dataclasses
+
+    if not is_accelerator(jax_device):
+        return {}
+    out = {}
+    for field in ("dtype", "kv_cache_dtype"):
+        if field not in given:
+            out[field] = "bfloat16"
+    if "max_num_seqs" not in given:
+        cfg = dataclasses.replace(engine_cfg, **out)
+        budget = cfg.kv_cache_bytes or default_kv_budget_bytes(model, cfg, device_of(jax_device), num_devices)
+        per_seq = int(model.kv_bytes_per_token(cfg.kv_cache_dtype)) * cfg.model_len(model)
+        fit = max(1, min(ACCELERATOR_MAX_NUM_SEQS, budget // per_seq))
+        out["max_num_seqs"] = 1 << (int(fit).bit_length() - 1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -463,7 +555,9 @@ def format_plan(p: Plan) -> str:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="preset name or path to a HF config.json")
-    parser.add_argument("--device", required=True, help=f"one of {', '.join(DEVICES)} (case-insensitive)")
+    parser.add_argument("--device", required=True,
+                        help=f"one of {', '.join(DEVICES)} (case-insensitive), or auto: the device JAX runs on, "
+                             "with what the engine would use there")
     parser.add_argument("--dtype", default="bfloat16", help=f"weight dtype: {', '.join(WEIGHT_DTYPES)}")
     parser.add_argument("--kv-dtype", default=None, help=f"KV cache dtype: {', '.join(KV_DTYPES)} (default: --dtype)")
     parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default: model context)")
@@ -481,7 +575,10 @@ def run_plan(args) -> int:
     """Print the plan; 0 on success, 2 (message on stderr, no traceback) on a bad model, device or option."""
     try:
         model = load_model_config(args.model)
-        p = plan(model, args.device, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
+        device = args.device
+        if str(device).strip().lower() == "auto":
+            device = device_of()
+        p = plan(model, device, dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context,
                  num_devices=args.num_devices, reserve_fraction=args.reserve,
                  weight_bytes_override=getattr(args, "weight_bytes", None),
                  bandwidth_bytes_per_s=(None if getattr(args, "bandwidth_gbps", None) is None
@@ -491,8 +588,38 @@ def run_plan(args) -> int:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
         print(f"jaxserve plan: error: {what}", file=sys.stderr)
         return 2
-    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+    engine = engine_plan(model, device) if isinstance(device, Device) else None
+    if args.json:
+        out = p.to_dict()
+        if engine is not None:
+            out["engine"] = engine
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(p))
+        if engine is not None:
+            print(f"engine defaults on this backend ({engine['backend']}, {engine['device_kind']}): dtype "
+                  f"{engine['dtype']}, KV cache {engine['kv_cache_dtype']} {fmt_bytes(engine['kv_cache_bytes'])} = "
+                  f"{engine['num_pages']:,} pages of {engine['page_size']} tokens, max_num_seqs "
+                  f"{engine['max_num_seqs']}, max_model_len {engine['max_model_len']:,}")
     return 0
+
+
+def engine_plan(model: ModelConfig, device: Device, jax_device=None) -> dict:
+    """What `LLM(model)` with no engine arguments would use on the JAX device (default: the first)."""
+    import dataclasses
+
+    import jax
+
+    from jaxserve.config import EngineConfig
+
+    jax_device = jax_device or jax.devices()[0]
+    cfg = EngineConfig()
+    cfg = dataclasses.replace(cfg, **engine_defaults(model, cfg, jax_device))
+    budget = default_kv_budget_bytes(model, cfg, device)
+    return {"backend": jax_device.platform, "device_kind": getattr(jax_device, "device_kind", ""),
+            "device_memory_bytes": device.memory_bytes, "dtype": cfg.dtype, "kv_cache_dtype": cfg.kv_cache_dtype,
+            "kv_cache_bytes": int(budget), "num_pages": kv_pages_for_budget(model, cfg, budget),
+            "page_size": cfg.page_size, "max_num_seqs": cfg.max_num_seqs, "max_model_len": cfg.model_len(model)}
 
 
 def main(argv=None) -> int:

@@ -303,6 +303,105 @@ def test_default_kv_budget_auto_on_this_host():
     assert default_kv_budget_bytes(g, ecfg, device="auto") == default_kv_budget_bytes(g, ecfg)
 
 
+# ------------------------------------------------------------------------------- the engine's own device
+class FakeDevice:
+    """What a JAX device shows the planner: platform, device_kind, memory_stats()."""
+
+    def __init__(self, platform, kind, bytes_limit=None, stats_raise=False):
+        self.platform, self.device_kind = platform, kind
+        self._limit, self._raise = bytes_limit, stats_raise
+
+    def memory_stats(self):
+        if self._raise:
+            raise NotImplementedError("memory_stats")
+        return None if self._limit is None else {"bytes_limit": self._limit, "bytes_in_use": 0}
+
+
+# JAX on GPU preallocates 75% of HBM by default; that is the bytes_limit the runtime reports (80 GiB H100).
+H100 = FakeDevice("gpu", "NVIDIA H100 80GB HBM3", bytes_limit=int(0.75 * 80 * GiB))
+V5E = FakeDevice("tpu", "TPU v5 lite", stats_raise=True)  # no stats: the table's 16 GiB
+
+
+def test_device_of_reads_runtime_memory_then_table():
+    d = planner.device_of(H100)
+    assert (d.key, d.memory_bytes, d.bandwidth_bytes_per_s) == ("h100", 64_424_509_440, 3350e9)
+    v = planner.device_of(V5E)
+    assert (v.key, v.memory_bytes) == ("tpu-v5e", 16 * GiB)
+    assert planner.device_of(FakeDevice("tpu", "TPU v5 lite", bytes_limit=15 * GiB)).memory_bytes == 15 * GiB
+    assert planner.device_of(FakeDevice("cpu", "cpu")).key == "cpu"
+    odd = planner.device_of(FakeDevice("gpu", "NVIDIA L4", bytes_limit=20 * GiB))  # not in the table
+    assert (odd.memory_bytes, odd.key) == (20 * GiB, "gpu")
+    with pytest.raises(InvalidConfigError, match="kv_cache_bytes"):
+        planner.device_of(FakeDevice("gpu", "NVIDIA L4"))
+
+
+def test_engine_defaults_on_faked_80gb_gpu_and_v5e():
+    g = get_preset("gemma3-270m")
+    ecfg = EngineConfig()  # context 8,192
+    w_bf16 = 268_098_176 * 2
+    kv_tok = 18_432  # bf16 KV per token (half of float32's 36,864)
+    # H100: 64,424,509,440 - 6,442,450,944 reserve - 536,196,352 weights = 57,445,862,144 B -> 3,116,637 tokens
+    d = planner.engine_defaults(g, ecfg, H100)
+    assert d["dtype"] == d["kv_cache_dtype"] == "bfloat16"
+    budget = planner.default_kv_budget_bytes(g, EngineConfig(dtype="bfloat16", kv_cache_dtype="bfloat16"), H100)
+    assert budget == 64_424_509_440 - 6_442_450_944 - w_bf16 == 57_445_862_144
+    assert budget // kv_tok == 3_116_637
+    assert kv_pages_for_budget(g, EngineConfig(kv_cache_dtype="bfloat16"), budget) == 3_116_637 // 16
+    assert d["max_num_seqs"] == 256  # 380 full 8,192-token sequences fit; capped at 256
+    # v5e (16 GiB from the table): 14,925,685,914 B = 809,770 tokens = 98 full sequences -> 64 (power of two)
+    v = planner.engine_defaults(g, ecfg, V5E)
+    assert (v["dtype"], v["kv_cache_dtype"], v["max_num_seqs"]) == ("bfloat16", "bfloat16", 64)
+    # what the user set stays; CPU changes nothing
+    kept = planner.engine_defaults(g, ecfg, H100, given={"dtype", "max_num_seqs"})
+    assert kept == {"kv_cache_dtype": "bfloat16"}
+    assert planner.engine_defaults(g, ecfg, FakeDevice("cpu", "cpu")) == {}
+
+
+def test_kv_budget_per_device_on_a_mesh():
+    l8 = get_preset("llama3-8b")
+    ecfg = EngineConfig(dtype="bfloat16", kv_cache_dtype="bfloat16")  # context 8,192
+    p4 = plan(l8, "tpu-v5e", dtype="bfloat16", num_devices=4, context=8192)
+    # 4 chips: each keeps a quarter of the weights and 2 of the 8 KV heads; the group's cache in whole-model bytes
+    want = p4.max_tokens_in_cache * p4.kv_bytes_per_token
+    assert planner.default_kv_budget_bytes(l8, ecfg, V5E, num_devices=4) == want > 0
+    assert p4.kv_bytes_per_token_per_device * 4 == p4.kv_bytes_per_token
+    # one v5e cannot hold Llama 3 8B in bf16: no KV at all, and the default batch falls to 1
+    assert planner.default_kv_budget_bytes(l8, ecfg, V5E) == 0
+    assert planner.engine_defaults(l8, EngineConfig(), V5E)["max_num_seqs"] == 1
+    # the CPU host is shared by every forced device: the host budget split over replicas, not multiplied
+    host = planner.default_kv_budget_bytes(get_preset("tiny-llama"), EngineConfig(), "cpu")
+    assert planner.default_kv_budget_bytes(get_preset("tiny-llama"), EngineConfig(), "cpu", num_devices=4,
+                                           replicas=2) == host // 2
+
+
+def test_llm_takes_device_defaults(monkeypatch):
+    """LLM() with no engine arguments on a (faked) accelerator: bf16, the batch and the page budget planned
+    from that device's memory. The fake device is small so the real KV cache it sizes fits this host."""
+    from jaxserve import LLM, SamplingParams
+
+    cfg = get_preset("tiny-llama")
+    ecfg = EngineConfig(max_model_len=256, dtype="bfloat16", kv_cache_dtype="bfloat16")
+    per_seq = int(cfg.kv_bytes_per_token("bfloat16")) * 256
+    w = cfg.num_params() * 2
+    mem = int((w + 10.5 * per_seq) / 0.9)  # room for 10 full sequences after the reserve and the weights
+    small = Device("gpu", "small test GPU", mem, 1e12)
+    monkeypatch.setattr(planner, "device_of", lambda jax_device=None: small)
+    monkeypatch.setattr(planner, "is_accelerator", lambda jax_device=None: True)
+    llm = LLM("tiny-llama", random_weights=True, max_model_len=256, max_num_batched_tokens=64, max_prefill_seqs=1)
+    got = llm.engine_config
+    assert (got.dtype, got.kv_cache_dtype, got.max_num_seqs) == ("bfloat16", "bfloat16", 8)
+    budget = planner.default_kv_budget_bytes(cfg, ecfg, small)
+    assert 10 * per_seq <= budget < 11 * per_seq
+    assert llm.engine.num_pages == kv_pages_for_budget(cfg, ecfg, budget)
+    out = llm.generate(["Hello there"], SamplingParams(max_tokens=4))[0]
+    assert len(out.outputs[0].token_ids) == 4
+    # given fields win
+    llm2 = LLM("tiny-llama", random_weights=True, max_model_len=256, max_num_batched_tokens=64, max_prefill_seqs=1,
+               dtype="float32", max_num_seqs=2)
+    assert (llm2.engine_config.dtype, llm2.engine_config.kv_cache_dtype, llm2.engine_config.max_num_seqs) == (
+        "float32", "bfloat16", 2)
+
+
 # ------------------------------------------------------------------------------------------ output and CLI
 
 def test_format_plan_units():

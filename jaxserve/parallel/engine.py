@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,9 +28,10 @@ log = logging.getLogger("jaxserve")
 
 
 def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, random_weights: bool = False,
-                          tokenizer=None, devices=None, speculative=None):
+                          tokenizer=None, devices=None, speculative=None, given=None):
     """-> (engine, model_config, tokenizer, seconds spent loading weights). `speculative`: n-gram speculation
-    (a SpeculativeConfig or dict) on a single tensor-parallel replica (no `stage` or `data` axis)."""
+    (a SpeculativeConfig or dict) on a single tensor-parallel replica (no `stage` or `data` axis). `given`: the
+    EngineConfig fields the user set; the others may take the device's defaults (planner.engine_defaults)."""
     import jax
 
     from jaxserve.engine.engine import LLMEngine
@@ -70,6 +72,13 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
         spec = resolve_mesh_spec(default_mesh_spec(model_cfg, devices), len(devices))
         _check_speculative_mesh(speculative, spec)  # (an explicit mesh was checked before loading)
     check_model_fits_mesh(model_cfg, spec)
+    if given is not None:
+        from jaxserve.planner import engine_defaults
+
+        defaults = engine_defaults(model_cfg, engine_cfg, devices[0], spec["model"] * spec["stage"], given)
+        if defaults:
+            engine_cfg = dataclasses.replace(engine_cfg, **defaults)
+            engine_cfg.validate(model_cfg)
     tokenizer = tokenizer or tok
     if quantization is not None and host_params is not None:  # docs/quantization.md
         from jaxserve.weights.calibrate import quantize_for_engine
@@ -80,8 +89,10 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
     if num_pages is None:
         from jaxserve.planner import default_kv_budget_bytes, kv_pages_for_budget
 
-        budget = engine_cfg.kv_cache_bytes or default_kv_budget_bytes(model_cfg, engine_cfg)
-        num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget // spec["data"])
+        # per replica: its own devices' share on an accelerator, the host's RAM split over replicas on CPU
+        budget = (engine_cfg.kv_cache_bytes // spec["data"] if engine_cfg.kv_cache_bytes else default_kv_budget_bytes(
+            model_cfg, engine_cfg, devices[0], num_devices=spec["model"] * spec["stage"], replicas=spec["data"]))
+        num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget)
     engines = []
     for rmesh in replica_meshes(mesh):
         placement = Placement(model_cfg, rmesh)
