@@ -97,9 +97,8 @@ def _byte_level(tokens: list, merges: list, pre: Optional[str]):
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    spelling = pre_tokenizers.ByteLevel.alphabet()
-    alphabet = set(spelling)
     table = _bytes_to_unicode()
+    alphabet = set(table.values())
     vocab = {(t if set(t) <= alphabet else "".join(table[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
