@@ -359,6 +359,9 @@ class EngineConfig:
     # "auto" (Pallas kernels on TPU/GPU, the XLA path on CPU) | "xla" | "pallas" (on CPU: interpret mode, slow);
     # see pallas_kernels/engine.py and ModelRunner's attention_fn_for.
     attention_impl: str = "auto"
+    # Quantized (int8 / int4) weight matmuls: "auto" (the Pallas kernels of pallas_kernels/quant_matmul.py on
+    # TPU/GPU, the XLA column-chunk loop on CPU) | "xla" | "pallas" (on CPU: interpret mode, slow; for tests).
+    matmul_impl: str = "auto"
     # Bit-identical outputs whatever else shares a request's step (see models/transformer.py ROW_TILE);
     # on XLA:CPU it costs batch-1 decode speed (a 2-row GEMM replaces the matrix-vector kernel).
     batch_invariant: bool = False
@@ -375,6 +378,8 @@ class EngineConfig:
             raise InvalidConfigError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.attention_impl not in ("auto", "xla", "pallas"):
             raise InvalidConfigError(f"attention_impl must be auto, xla or pallas, got {self.attention_impl!r}")
+        if self.matmul_impl not in ("auto", "xla", "pallas"):
+            raise InvalidConfigError(f"matmul_impl must be auto, xla or pallas, got {self.matmul_impl!r}")
         if self.scheduler not in ("continuous", "static"):
             raise InvalidConfigError(f"scheduler must be 'continuous' or 'static', got {self.scheduler!r}")
         if self.dtype not in ("float32", "bfloat16"):
