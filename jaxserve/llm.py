@@ -31,14 +31,16 @@ class LLM:
             or a directory written by `jaxserve convert`.
         speculative: None (off), or `{"method": "ngram" | "self" | "draft", "num_tokens": k, ...}`:
             speculative decoding with exact verification (docs/speculative.md).
-        random_weights: use random weights for a preset (tests, planning, sharding experiments).
+        random_weights: use random weights for a preset (tests, planning, sharding experiments): True draws
+            them with numpy on the host, "device" with `jax.random` on the device (bfloat16 on TPU/GPU; for
+            large presets, whose float32 host copy would be tens of GB; values differ from True's).
         mesh: None (one device), or `{"data": d, "stage": p, "model": t}` / `"data=1,stage=2,model=4"`:
             tensor, pipeline and data parallelism over `jax.devices()` (README: "Running on many devices").
         Every other keyword is an `EngineConfig` field (page_size, max_model_len, max_num_seqs,
         kv_cache_bytes, num_pages, scheduler, enable_prefix_caching, attention_impl, dtype, seed, ...).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, random_weights: bool = False, tokenizer=None,
+    def __init__(self, model: str = DEFAULT_MODEL, *, random_weights: Union[bool, str] = False, tokenizer=None,
                  compile_guard: str = "raise", mesh=None, speculative: Optional[dict] = None, **engine_kwargs):
         from jaxserve.engine.runner import enable_persistent_cache
         from jaxserve.weights.resolve import resolve_model

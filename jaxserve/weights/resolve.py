@@ -12,6 +12,8 @@ Rules, in order:
   tokenizer.json (no dequantization, no transformers import);
 * `tiny-*` presets, or any preset with `random_weights=True`: random params (`random_init.random_params`)
   and a small trained byte-level BPE tokenizer with the config's vocab size and special ids;
+  `random_weights="device"` draws them with `jax.random` on the device instead (`random_params_device`:
+  bfloat16 on TPU/GPU, nothing large on the host; other values than the numpy draw);
 * anything else: UnknownModelError listing the known names.
 """
 
@@ -29,7 +31,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from jaxserve.config import PRESETS, ModelConfig
-from jaxserve.errors import CheckpointError, UnknownModelError
+from jaxserve.errors import CheckpointError, InvalidConfigError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +71,18 @@ def known_model_names() -> list:
     return sorted(set(PRESETS) | set(EMBEDDED))
 
 
-def resolve_model(name_or_path: str = DEFAULT_MODEL, *, random_weights: bool = False, seed: int = 0) -> ResolvedModel:
+def resolve_model(name_or_path: str = DEFAULT_MODEL, *, random_weights: Union[bool, str] = False,
+                  seed: int = 0) -> ResolvedModel:
     """Resolve a model name or path (see the module docstring for the rules)."""
+    if not (isinstance(random_weights, (bool, np.bool_)) or random_weights == "device"):
+        raise InvalidConfigError(f"random_weights must be False, True or 'device', got {random_weights!r}")
     spec = os.fspath(name_or_path)
     if os.path.exists(spec):
         if random_weights:
             raise UnknownModelError(f"random_weights=True needs a preset name, not a path ({spec})")
         return _resolve_path(spec)
     if spec in PRESETS and (random_weights or spec.startswith("tiny-")):
-        return _resolve_random(PRESETS[spec], seed)
+        return _resolve_random(PRESETS[spec], seed, on_device=random_weights == "device")
     if spec in EMBEDDED:
         return _resolve_embedded(spec)
     if spec in PRESETS:
@@ -309,7 +314,7 @@ def _convert_embedded(name: str, out: str) -> ResolvedModel:
 
 
 # ------------------------------------------------------------------------------------------------ random
-def _resolve_random(config: ModelConfig, seed: int) -> ResolvedModel:
+def _resolve_random(config: ModelConfig, seed: int, on_device: bool = False) -> ResolvedModel:
     from jaxserve.tokenizer import tokenizer_for_config
 
     t0 = time.perf_counter()
@@ -317,11 +322,12 @@ def _resolve_random(config: ModelConfig, seed: int) -> ResolvedModel:
     timings = {"tokenizer": time.perf_counter() - t0}
 
     def params():
-        from jaxserve.weights.random_init import random_params
+        from jaxserve.weights.random_init import random_params, random_params_device
 
         t = time.perf_counter()
-        p = random_params(config, seed, dtype=np.float32)
+        p = random_params_device(config, seed) if on_device else random_params(config, seed, dtype=np.float32)
         timings["params"] = time.perf_counter() - t
         return p
 
-    return ResolvedModel(config, params, tok, f"{config.name} with random weights (seed {seed})", timings)
+    where = " drawn on the device" if on_device else ""
+    return ResolvedModel(config, params, tok, f"{config.name} with random weights{where} (seed {seed})", timings)
