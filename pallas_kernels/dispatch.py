@@ -129,10 +129,14 @@ def prefill_attention_fused(q, k_new, v_new, k_pages, v_pages, slots, block_tabl
                                               kv_lens, num_seqs, interpret=interpret, **kw, **tuning)
 
 
-def matmul(x, w_q, scales, *, bits=8, group_size=None, impl="auto", platform=None, kernel=None, **tuning):
-    """reference.quantized_matmul through the chosen backend (x [M, K] @ int8/int4 weights -> [M, N])."""
+def matmul(x, w_q, scales, *, bits=8, group_size=None, impl="auto", platform=None, kernel=None, out_dtype=None,
+           **tuning):
+    """reference.quantized_matmul through the chosen backend (x [M, K] @ int8/int4 weights -> [M, N], in
+    `out_dtype`, default x.dtype)."""
     fam, interpret = _resolve(impl, platform, kernel, True)
     if fam is None:
-        return reference.quantized_matmul(x, w_q, scales, bits=bits, group_size=group_size)
+        # (the reference computes in f32 and rounds to its x's dtype: give it f32 x, round once to out_dtype)
+        y = reference.quantized_matmul(x.astype("float32"), w_q, scales, bits=bits, group_size=group_size)
+        return y.astype(out_dtype or x.dtype)
     f = quant_matmul.quantized_matmul_tpu if fam == "tpu" else quant_matmul.quantized_matmul_gpu
-    return f(x, w_q, scales, bits=bits, group_size=group_size, interpret=interpret, **tuning)
+    return f(x, w_q, scales, bits=bits, group_size=group_size, interpret=interpret, out_dtype=out_dtype, **tuning)

@@ -108,10 +108,13 @@ def _tpu_int4_kernel(x_lo_ref, x_hi_ref, w_ref, s_ref, o_ref, acc_ref, *, group_
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "tm", "tn", "tk", "interpret"))
-def quantized_matmul_tpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn=None, tk=None, interpret=False):
-    """See reference.quantized_matmul. Tiles default to (<=256, <=512, <=512) dividing the dims."""
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "tm", "tn", "tk", "interpret", "out_dtype"))
+def quantized_matmul_tpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn=None, tk=None, interpret=False,
+                         out_dtype=None):
+    """See reference.quantized_matmul. Tiles default to (<=256, <=512, <=512) dividing the dims. The output is
+    `out_dtype` (default x.dtype), rounded once from the f32 accumulator (the engine's LM head asks for f32)."""
     _check(x, w_q, scales, bits, group_size)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, kdim = x.shape
     n = w_q.shape[1]
     tm = tm or (m if m <= 256 else 256)
@@ -121,7 +124,7 @@ def quantized_matmul_tpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
     cost = pl.CostEstimate(flops=2 * m * n * kdim, transcendentals=0,
                            bytes_accessed=(w.size * pl.cdiv(m, tm) + x.nbytes * pl.cdiv(n, tn)
-                                           + m * n * x.dtype.itemsize))
+                                           + m * n * out_dtype.itemsize))
     if bits == 8:
         tk = tk or _pick(kdim, (512, 256, 128))
         grid = (pl.cdiv(m, tm), pl.cdiv(n, tn), kdim // tk)
@@ -131,7 +134,7 @@ def quantized_matmul_tpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn
                       pl.BlockSpec((tk, tn), lambda i, j, k: (k, j)),
                       pl.BlockSpec((1, tn), lambda i, j, k: (0, j))],
             out_specs=pl.BlockSpec((tm, tn), lambda i, j, k: (i, j)),
-            out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+            out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
             compiler_params=params, cost_estimate=cost, interpret=interpret, name="jaxserve_qmm_int8_tpu",
         )(x, w, scales.reshape(1, n))
@@ -159,7 +162,7 @@ def quantized_matmul_tpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn
                   pl.BlockSpec((tkp, tn), lambda i, j, k: (k, j)),
                   pl.BlockSpec((kdim // group_size, tn), lambda i, j, k: (0, j))],   # all groups of a column tile
         out_specs=pl.BlockSpec((tm, tn), lambda i, j, k: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         compiler_params=params, cost_estimate=cost, interpret=interpret, name="jaxserve_qmm_int4_tpu",
     )(*x_args, w, scales)
@@ -194,12 +197,15 @@ def _gpu_kernel(x_ref, w_ref, s_ref, o_ref, *, bits, group_size, tk, k_blocks, h
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "tm", "tn", "tk", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "tm", "tn", "tk", "num_warps", "interpret",
+                                             "out_dtype"))
 def quantized_matmul_gpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn=None, tk=None, num_warps=4,
-                         interpret=False):
+                         interpret=False, out_dtype=None):
     """See reference.quantized_matmul. Power-of-two tiles: tm in [16, 64], tn 128, tk (packed rows for int4)
-    the largest power of two <= 128 dividing K (K/2) and a multiple of group_size."""
+    the largest power of two <= 128 dividing K (K/2) and a multiple of group_size. Output in `out_dtype`
+    (default x.dtype)."""
     _check(x, w_q, scales, bits, group_size)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, kdim = x.shape
     n = w_q.shape[1]
     tm = tm or min(64, max(16, 1 << max(0, (m - 1).bit_length())))
@@ -222,7 +228,7 @@ def quantized_matmul_gpu(x, w_q, scales, *, bits=8, group_size=None, tm=None, tn
                   pl.BlockSpec((w.shape[0], tn), lambda i, j: (0, j)),
                   s_spec],
         out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=3),
         interpret=interpret, name=f"jaxserve_qmm_int{bits}_gpu",
     )(x, w, s_arg)

@@ -36,6 +36,15 @@ ATTN_ATOL = 2e-5
 
 
 # --------------------------------------------------------------------------------------------- config
+def _qw():
+    from jaxserve.weights.quantize import quantize_int8
+
+    return quantize_int8(np.eye(16, dtype=np.float32))
+
+
+QW = _qw()
+
+
 def test_attention_impl_resolution():
     cfg = get_preset("tiny-gemma3")
     assert attention_fn_for(cfg, EngineConfig(attention_impl="xla")) is None
@@ -58,6 +67,57 @@ def test_llm_rejects_bad_attention_impl():
     from jaxserve import LLM
     with pytest.raises(InvalidConfigError, match="attention_impl"):
         LLM("tiny-llama", random_weights=True, attention_impl="mosaic", **KW)
+
+
+def test_batch_invariant_takes_the_xla_path_or_refuses_pallas():
+    """The kernels' reductions are tiled by the batch's shape, so batch_invariant=True resolves "auto" to the
+    XLA path (invariant on fixed row tiles) on every backend and refuses an explicit "pallas" at start-up."""
+    from jaxserve import LLM
+    from jaxserve.engine.runner import bind_matmul_for
+
+    cfg = get_preset("tiny-gemma3")
+    inv = dict(batch_invariant=True)
+    assert attention_fn_for(cfg, EngineConfig(attention_impl="auto", **inv), platform="tpu") is None
+    assert callable(attention_fn_for(cfg, EngineConfig(attention_impl="auto"), platform="tpu"))
+    for field in ("attention_impl", "matmul_impl"):
+        with pytest.raises(InvalidConfigError, match=f"batch_invariant=True cannot be honoured with {field}"):
+            LLM("tiny-llama", random_weights=True, quantization="int8", **{field: "pallas"}, **inv, **KW)
+    params = {"layers": {}, "w": QW}
+    assert bind_matmul_for(params, EngineConfig(matmul_impl="auto", **inv), platform="tpu")["w"].kernel is None
+    assert bind_matmul_for(params, EngineConfig(matmul_impl="auto"), platform="tpu")["w"].kernel is not None
+
+
+def test_matmul_impl_resolution():
+    from jaxserve.engine.runner import bind_matmul_for
+
+    params = {"layers": {"wq": QW}, "embed": np.zeros((4, 4), np.float32)}
+    assert bind_matmul_for(params, EngineConfig(matmul_impl="xla"))["layers"]["wq"].kernel is None
+    assert bind_matmul_for(params, EngineConfig(matmul_impl="auto"))["layers"]["wq"].kernel is None  # CPU
+    k = bind_matmul_for(params, EngineConfig(matmul_impl="pallas"))["layers"]["wq"].kernel
+    assert k.family == "tpu" and k.interpret is True and k.mesh is None                 # interpreted on CPU
+    assert bind_matmul_for(params, EngineConfig(), platform="cuda")["layers"]["wq"].kernel.family == "gpu"
+    assert bind_matmul_for(params, EngineConfig(), platform="tpu")["embed"] is params["embed"]  # float: as is
+    with pytest.raises(InvalidConfigError, match="matmul_impl"):
+        EngineConfig(matmul_impl="triton").validate(cfg := get_preset("tiny-llama"))
+    with pytest.raises(InvalidConfigError, match="matmul_impl"):
+        bind_matmul_for(params, EngineConfig(matmul_impl="cuda"))
+    del cfg
+
+
+@pytest.mark.parametrize("quant", [dict(quantization="int8", quantize_embed=True),
+                                   dict(quantization="int4", quant_group_size=16)])
+def test_engine_pallas_matmul_matches_xla(llm_factory, quant):
+    """Every linear layer (and with int8 the tied LM head) through the Pallas quantized matmul (interpreted):
+    the same greedy tokens as the XLA formulation; the step program contains the kernel."""
+    xla = llm_factory("tiny-gemma3", matmul_impl="xla", **quant, **KW)
+    pal = llm_factory("tiny-gemma3", matmul_impl="pallas", **quant, **KW)
+    assert pal.engine.runner.params["layers"]["wq"].kernel is not None
+    assert xla.engine.runner.params["layers"]["wq"].kernel is None
+    bits = 8 if quant["quantization"] == "int8" else 4
+    assert f"jaxserve_qmm_int{bits}_tpu" in pal.engine.runner._programs[(1, 1)].as_text()
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    prompts = _prompts(xla.model_config.vocab_size, [1, 5, 23, 40], seed=13)
+    _compare(xla.generate(prompts, sp), pal.generate(prompts, sp), 6)
 
 
 # --------------------------------------------------------------------------------------------- adapter

@@ -86,23 +86,68 @@ def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
 compile_count()  # install the listener before anything compiles
 
 
-def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig):
+def _kernel_impl(engine_cfg: EngineConfig, field: str, platform: Optional[str] = None) -> str:
+    """attention_impl / matmul_impl resolved against batch_invariant: the Pallas kernels' reductions are tiled
+    by the batch (a query block of the ragged kernel can span sequences, the matmul's M tile follows the row
+    count), so with batch_invariant=True "auto" takes the XLA path (invariant on fixed row tiles) and an explicit
+    "pallas" is refused at start-up."""
+    impl = getattr(engine_cfg, field)
+    if impl not in ("auto", "xla", "pallas"):
+        raise InvalidConfigError(f"{field} must be auto, xla or pallas, got {impl!r}")
+    if engine_cfg.batch_invariant:
+        if impl == "pallas":
+            raise InvalidConfigError(
+                f"batch_invariant=True cannot be honoured with {field}='pallas': the Pallas kernels' reductions "
+                f"depend on the batch's shape. Use {field}='xla' (or 'auto', which then picks the XLA path).")
+        return "xla"
+    if impl == "auto" and (platform or jax.default_backend()) == "cpu":
+        return "xla"
+    return impl
+
+
+def _mesh_split(model_cfg: ModelConfig, placement):
+    """(mesh, q_split, kv_split) for the kernels' shard_map on a placement's mesh; (None, False, False) alone."""
+    if placement is None:
+        return None, False, False
+    from jaxserve.parallel.rules import attention_split as rule_split
+    from pallas_kernels.engine import attention_split
+
+    q_ok, kv_ok = rule_split(model_cfg, placement.t)
+    return (placement.mesh, *attention_split(model_cfg.num_heads, model_cfg.num_kv_heads, q_ok and placement.t > 1,
+                                             kv_ok and placement.t > 1))
+
+
+def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement=None, platform: Optional[str] = None):
     """`EngineConfig.attention_impl` -> forward_step's attention_fn; None is the XLA path.
 
     "xla": the XLA path. "auto": Pallas kernels on TPU / GPU, the XLA path on CPU. "pallas": the kernels of
-    pallas_kernels/ (on CPU, the TPU kernels in interpret mode: slow, for tests). See pallas_kernels/engine.py.
+    pallas_kernels/ (on CPU, the TPU kernels in interpret mode: slow, for tests). On a mesh (`placement`) the
+    kernels run under shard_map. `platform` (default: this backend) lowers for another one (jax.export tests).
+    See pallas_kernels/engine.py.
     """
-    impl = engine_cfg.attention_impl
-    if impl not in ("auto", "xla", "pallas"):
-        raise InvalidConfigError(f"attention_impl must be auto, xla or pallas, got {impl!r}")
-    if impl == "xla" or (impl == "auto" and jax.default_backend() == "cpu"):
+    impl = _kernel_impl(engine_cfg, "attention_impl", platform)
+    if impl == "xla":
         return None  # (without importing pallas_kernels)
     from pallas_kernels.engine import engine_attention_fn
 
+    mesh, q_split, kv_split = _mesh_split(model_cfg, placement)
     try:
-        return engine_attention_fn(impl, head_dim=model_cfg.head_dim, page_size=engine_cfg.page_size)
+        return engine_attention_fn(impl, head_dim=model_cfg.head_dim, page_size=engine_cfg.page_size, mesh=mesh,
+                                   q_split=q_split, kv_split=kv_split, platform=platform)
     except ValueError as e:
         raise InvalidConfigError(str(e)) from None
+
+
+def bind_matmul_for(params, engine_cfg: EngineConfig, placement=None, platform: Optional[str] = None):
+    """`EngineConfig.matmul_impl` applied to the (placed) params' quantized weights: "pallas" (or "auto" on
+    TPU / GPU) runs them through pallas_kernels/quant_matmul.py (under shard_map on a mesh); "xla" keeps
+    jaxserve.weights.quantize's formulation."""
+    impl = _kernel_impl(engine_cfg, "matmul_impl", platform)
+    if impl == "xla":
+        return params
+    from pallas_kernels.engine import bind_matmul_kernels
+
+    return bind_matmul_kernels(params, impl, mesh=None if placement is None else placement.mesh, platform=platform)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +167,8 @@ class ModelRunner:
         self.H = engine_cfg.model_len(model_cfg)  # history width for penalties
         self.NB = 16  # banned ids per row (EOS/stop ids while min_tokens is unmet; checked at admission)
         self.max_logprobs = engine_cfg.max_logprobs
-        self.attention_fn = attention_fn if attention_fn is not None else attention_fn_for(model_cfg, engine_cfg)
+        self.attention_fn = (attention_fn if attention_fn is not None
+                             else attention_fn_for(model_cfg, engine_cfg, placement))
         dtype = jnp.dtype(engine_cfg.dtype)
         t0 = time.monotonic()
         params = ensure_quantized(params, engine_cfg)  # no-op unless EngineConfig.quantization is set
@@ -133,6 +179,7 @@ class ModelRunner:
             # Float leaves are cast to the engine dtype; quantized leaves (weights/quantize.py) are kept as they are.
             self.params = pack_bf16_layers(to_device(params, dtype))  # bf16 layer weights as bits on CPU
             self.kv = init_kv_cache(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
+        self.params = bind_matmul_for(self.params, engine_cfg, placement)
         self.load_seconds = time.monotonic() - t0
         self._programs: dict = {}
         self._warm_count: Optional[int] = None

@@ -47,12 +47,17 @@ def hlo_report(llm) -> dict:
             bad.append(m.group(0)[:160])
     reduced = sorted({tuple(int(d) for d in m.group(1).split(",") if d)
                       for m in re.finditer(r"= f32\[([\d,]*)\][^\n]*? all-reduce(?:-start)?\(", txt)})
+    # Pallas kernels by name (interpret mode on CPU inlines them as HLO loops whose op names keep the name)
+    kernels = sorted(set(re.findall(r"jaxserve_(?:paged_decode|ragged_prefill|qmm_int\d)_(?:tpu|gpu)", txt)))
     return {"bucket": list(bucket), "collectives": found, "weight_gathers": bad,
-            "all_reduce_shapes": [list(s) for s in reduced], "hidden_size": llm.model_config.hidden_size}
+            "all_reduce_shapes": [list(s) for s in reduced], "hidden_size": llm.model_config.hidden_size,
+            "pallas_kernels": kernels}
 
 
 def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hlo: bool = True,
-                checkpoint_dir=None, speculative=None) -> dict:
+                checkpoint_dir=None, speculative=None, layout_kw=None) -> dict:
+    """`kw`: engine settings of every engine; `layout_kw`: more settings for the mesh layouts only (e.g. the
+    Pallas kernels on the mesh against the single-device XLA path)."""
     from jaxserve import LLM, SamplingParams
 
     # Different lengths, more prompts than decode rows (max_num_seqs=2): requests finish at different steps and
@@ -92,7 +97,7 @@ def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hl
             src, mesh = checkpoint_dir, b
         else:
             mesh = spec
-        llm = LLM(src, mesh=mesh, random_weights=random_weights and src == model, **kw)
+        llm = LLM(src, mesh=mesh, random_weights=random_weights and src == model, **{**kw, **(layout_kw or {})})
         toks, lps = gen(llm)
         diff = max((abs(a - b) for ra, rb in zip(lps, ref_lps) for a, b in zip(ra, rb)), default=0.0)
         entry = {"tokens": toks, "equal": toks == ref_toks, "max_abs_logprob_diff": diff,
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
     ap.add_argument("--engine-kw", default=None, help="JSON dict overriding the small engine settings")
+    ap.add_argument("--layout-kw", default=None, help="JSON dict of settings for the mesh layouts only")
     ap.add_argument("--speculative", default=None, help="JSON speculative config for every engine (ngram)")
     args = ap.parse_args(argv)
 
@@ -156,7 +162,8 @@ def main(argv=None) -> int:
         prompts = GEMMA_PROMPTS if not args.model.startswith("tiny-") else DEFAULT_PROMPTS
     res = run_layouts(args.model, args.mesh, prompts, args.max_tokens, kw, hlo=not args.no_hlo,
                       checkpoint_dir=args.checkpoint_dir,
-                      speculative=json.loads(args.speculative) if args.speculative else None)
+                      speculative=json.loads(args.speculative) if args.speculative else None,
+                      layout_kw=json.loads(args.layout_kw) if args.layout_kw else None)
     res["devices"] = jax.device_count()
     res["processes"] = jax.process_count()
     if jax.process_index() == 0:

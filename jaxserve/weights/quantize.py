@@ -139,6 +139,9 @@ class Int8Weight:
     w_q: jax.Array
     scales: jax.Array
     chunk: Optional[int] = dataclasses.field(default=CHUNK_COLS, metadata=dict(static=True))
+    # The Pallas matmul this weight runs through (EngineConfig.matmul_impl; pallas_kernels/engine.py
+    # bind_matmul_kernels), None for the XLA formulation below. Static: it picks the program, it holds no data.
+    kernel: Optional[object] = dataclasses.field(default=None, metadata=dict(static=True))
 
     bits = 8
     group_size = None
@@ -152,12 +155,15 @@ class Int8Weight:
         return len(self.w_q.shape)
 
     def __getitem__(self, i):
-        return Int8Weight(self.w_q[i], self.scales[i], self.chunk)
+        return Int8Weight(self.w_q[i], self.scales[i], self.chunk, self.kernel)
 
     def matmul(self, x, out_dtype=None):
         """x [..., K] -> [..., N] in `out_dtype` (default x.dtype), accumulated in float32."""
         lead = x.shape[:-1]
-        y = _int8_mm(x.reshape(-1, x.shape[-1]), self.w_q, self.scales, self.chunk)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.kernel is not None:
+            return self.kernel(x2, self, out_dtype or x.dtype).reshape(*lead, self.shape[-1])
+        y = _int8_mm(x2, self.w_q, self.scales, self.chunk)
         return y.reshape(*lead, self.shape[-1]).astype(out_dtype or x.dtype)
 
     def dequantize(self, dtype=jnp.float32):
@@ -183,6 +189,7 @@ class Int4Weight:
     scales: jax.Array
     group_size: int = dataclasses.field(default=DEFAULT_GROUP_SIZE, metadata=dict(static=True))
     chunk: Optional[int] = dataclasses.field(default=CHUNK_COLS, metadata=dict(static=True))
+    kernel: Optional[object] = dataclasses.field(default=None, metadata=dict(static=True))  # as Int8Weight's
 
     bits = 4
 
@@ -196,12 +203,15 @@ class Int4Weight:
         return len(self.w_q.shape)
 
     def __getitem__(self, i):
-        return Int4Weight(self.w_q[i], self.scales[i], self.group_size, self.chunk)
+        return Int4Weight(self.w_q[i], self.scales[i], self.group_size, self.chunk, self.kernel)
 
     def matmul(self, x, out_dtype=None):
         """x [..., K] -> [..., N] in `out_dtype` (default x.dtype), accumulated in float32."""
         lead = x.shape[:-1]
-        y = _int4_mm_chunked(x.reshape(-1, x.shape[-1]), self.w_q, self.scales, self.group_size, self.chunk)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.kernel is not None:
+            return self.kernel(x2, self, out_dtype or x.dtype).reshape(*lead, self.shape[-1])
+        y = _int4_mm_chunked(x2, self.w_q, self.scales, self.group_size, self.chunk)
         return y.reshape(*lead, self.shape[-1]).astype(out_dtype or x.dtype)
 
     def int_values(self):
