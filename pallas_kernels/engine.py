@@ -28,9 +28,14 @@ padding, and a gather back. Both gathers move q-sized data, small next to the KV
 "auto" is Pallas on TPU / GPU and the engine's own XLA path (returned as None) on CPU; "pallas" on CPU runs the
 TPU kernels in interpret mode (JAX's HLO interpreter: slow, for tests). On GPU, shapes the Triton kernels cannot
 take (non-power-of-two page_size or head_dim, head_dim < 16) give the XLA path under "auto" and a ValueError
-under "pallas". `batch_invariant` is ignored: on TPU / GPU each sequence's attention is computed by programs of
-its own whatever the batch (decode), but the ragged kernel's query blocks can span sequences, so bitwise
-batch invariance of prefill is not claimed for the Pallas path.
+under "pallas". `batch_invariant` never reaches these kernels: the runner (jaxserve/engine/runner.py
+`_kernel_impl`) resolves "auto" to the XLA path under batch_invariant=True and refuses an explicit "pallas" (the
+ragged kernel's query blocks can span sequences, and the matmul's M tile follows the row count).
+
+On a mesh the kernels run under `jax.shard_map` (a Mosaic / Triton custom call cannot be partitioned by GSPMD):
+see `engine_attention_fn`'s `mesh` and `QuantMatmulKernel`. The quantized weights' matmuls
+(`EngineConfig.matmul_impl`) are bound here too: `bind_matmul_kernels` sets each Int8Weight / Int4Weight's
+static `kernel`, which its `matmul` then calls.
 """
 
 from __future__ import annotations
