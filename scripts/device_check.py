@@ -510,8 +510,9 @@ def prefill_roofline(report, llm, prompt_len, tokens_per_step):
         return bw_tok_s
     head = cfg.hidden_size * cfg.vocab_size
     body = cfg.num_params() - head * (1 if cfg.tie_word_embeddings else 2)
-    attn = sum(4 * cfg.num_heads * cfg.head_dim * (min(w, prompt_len) if w else prompt_len) / 2
-               for w in cfg.layer_windows())
+    # 4 Hq hd FLOPs per (query, visible key) and layer; the mean visible keys of a causal (windowed) prompt
+    visible = [sum(min(i + 1, w or prompt_len) for i in range(prompt_len)) / prompt_len for w in cfg.layer_windows()]
+    attn = 4 * cfg.num_heads * cfg.head_dim * sum(visible)
     flops_per_tok = 2 * body + attn + 2 * head / prompt_len
     return min(bw_tok_s, peak / flops_per_tok)
 
