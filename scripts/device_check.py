@@ -71,6 +71,8 @@ NEAR_TIE_NATS = 0.25
 
 @dataclasses.dataclass
 class Sizes:
+    """Shapes, lengths (tokens) and batch sizes of every section; the defaults are the device run's."""
+
     page_size: int = 16
     kernel_decode_lens: tuple = (0, 1, 15, 16, 17, 300, 1000, 2048)
     kernel_prefill: tuple = ((300, 0), (1, 999), (64, 512), (0, 10), (17, 700), (128, 1000))  # (new, cached)
