@@ -5,11 +5,16 @@
     python scripts/run_tests.py -m "not slow"   # extra arguments go to every pytest call
     python scripts/run_tests.py tests/test_engine.py tests/test_api.py
 
-Why one process per file: a single pytest process that builds dozens of XLA:CPU programs (engines, sampler
-variants, interpreted Pallas kernels) was seen to die in native code partway through, at a test that passes on
-its own (a segfault while serializing an executable for the persistent cache, and later an abort while running
-one; jaxlib 0.10.2). Engines are still shared within a file's session (tests/conftest.py). A file whose process
-is killed by a signal is run once more and the crash is reported in the summary; test failures are never rerun.
+Why one process per file: it is how CI has always run, and a crash (if one came back) takes one file with it.
+The crash once seen in a single long pytest process (a segfault in XLA native code at a test that passes on its
+own; jaxlib 0.10.2) was most likely the process running out of memory mappings: every live XLA:CPU executable
+keeps its JIT code in anonymous mappings of its own (3 to 12 for a small interpreted Pallas kernel), JAX's caches
+keep every compiled program alive, and at vm.max_map_count (65,530) LLVM fails ("Cannot allocate memory") and
+XLA segfaults in the C++ unwinder while raising that error. tests/conftest.py now clears JAX's caches after each
+module, so one `python -m pytest` process stays bounded too (the Pallas files: ~20,000 mappings by the end
+before, ~9,200 at most after); tests/test_memory_maps.py checks the mechanism. Engines are still shared within a
+session (tests/conftest.py). A file whose process is killed by a signal is run once more and the crash is
+reported in the summary; test failures are never rerun.
 """
 
 from __future__ import annotations

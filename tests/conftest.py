@@ -5,6 +5,7 @@ the same configuration. Tests must leave the engine idle (no unfinished requests
 """
 
 import os
+import sys
 
 import pytest
 
@@ -24,6 +25,21 @@ _ENGINES: dict = {}
 # Small ladders keep tiny-model compiles to a few seconds; page_size 4 makes sequences cross many pages.
 TINY_KW = dict(page_size=4, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, max_prefill_seqs=4,
                num_pages=512, attn_block_pages=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's caches of compiled programs after each test module.
+
+    Each live XLA:CPU executable holds its JIT code in its own anonymous memory mappings (3 to 12 for a small
+    interpreted Pallas kernel), and JAX's caches keep every program a process compiled alive. A one-process
+    run of many modules grows the mapping table without bound (the Pallas modules alone reach ~20,000); at
+    vm.max_map_count (65,530) LLVM fails with "Cannot allocate memory" and XLA segfaults raising the error.
+    Engines are not affected: their programs are compiled ahead of time and held by the runner, not the cache.
+    """
+    yield
+    if "jax" in sys.modules:  # host-only modules never import JAX; don't do it for them
+        sys.modules["jax"].clear_caches()
 
 
 def get_llm(model: str, **kw):

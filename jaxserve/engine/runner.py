@@ -64,8 +64,9 @@ def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
 
     Only the directory is set globally; the engine's own programs are written to it whatever their compile
     time (`compile_all` lowers the threshold for its own compiles only), while other jitted code in the
-    process keeps JAX's default threshold. Serializing some small CPU executables was seen to crash XLA
-    (jaxlib 0.10.2) in a process that had compiled many programs, so nothing else is written eagerly.
+    process keeps JAX's default threshold, so the cache holds the engine's programs and little else. (A segfault
+    once seen serializing a small CPU executable, in a test process that had compiled many programs, was most
+    likely that process running out of memory mappings, not serialization: see scripts/run_tests.py.)
     Returns the directory, or None when disabled.
     """
     if not persistent_cache_enabled():
