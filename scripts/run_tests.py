@@ -1,33 +1,40 @@
 #!/usr/bin/env python
-"""Run the test suite one file per pytest process, the way CI does (`.ci/run`, the README's test command).
+"""Run the test suite the way CI does (`.ci/run`, the README's test command).
 
-    python scripts/run_tests.py                 # every tests/test_*.py, slow ones included
-    python scripts/run_tests.py -m "not slow"   # extra arguments go to every pytest call
+    python scripts/run_tests.py                 # every tests/test_*.py, slow ones included, one pytest process
+    python scripts/run_tests.py -m "not slow"   # extra arguments go to pytest
     python scripts/run_tests.py tests/test_engine.py tests/test_api.py
+    python scripts/run_tests.py --per-file      # one pytest process per test file (the older way)
 
-Why one process per file: it is how CI has always run, and a crash (if one came back) takes one file with it.
-The crash once seen in a single long pytest process (a segfault in XLA native code at a test that passes on its
-own; jaxlib 0.10.2) was most likely the process running out of memory mappings: every live XLA:CPU executable
-keeps its JIT code in anonymous mappings of its own (3 to 12 for a small interpreted Pallas kernel), JAX's caches
-keep every compiled program alive, and at vm.max_map_count (65,530) LLVM fails ("Cannot allocate memory") and
-XLA segfaults in the C++ unwinder while raising that error. tests/conftest.py now clears JAX's caches after each
-module, so one `python -m pytest` process stays bounded too (the Pallas files: ~20,000 mappings by the end
-before, ~9,200 at most after); tests/test_memory_maps.py checks the mechanism. Engines are still shared within a
-session (tests/conftest.py). A file whose process is killed by a signal is run once more and the crash is
-reported in the summary; test failures are never rerun.
+One process for the whole suite, so the compiled engines of tests/conftest.py (one per model and settings) are
+built once and shared by every file that asks for them, instead of once per file (the real Gemma 3 270M engine
+alone takes minutes to load and compile). Tests that need a fresh JAX (8 forced CPU devices, other processes)
+already start subprocesses of their own.
+
+A crash is contained: a plugin records each test file as it completes; if the process dies by a signal, the
+files it had not completed are run again one pytest process per file, and the crash is reported in the
+summary (test failures are never rerun). The crash once seen in a single long pytest process (a segfault in
+XLA native code; jaxlib 0.10.2) was most likely the process running out of memory mappings: every live XLA:CPU
+executable keeps its JIT code in anonymous mappings of its own, JAX's caches keep every compiled program alive,
+and at vm.max_map_count (65,530) LLVM fails ("Cannot allocate memory") and XLA segfaults raising that error.
+tests/conftest.py clears JAX's caches after each module, which keeps one process bounded;
+tests/test_memory_maps.py checks the mechanism.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRASH_CODES = {134: "SIGABRT", 139: "SIGSEGV", 137: "SIGKILL", 135: "SIGBUS"}
+OK_CODES = (0, 5)  # 5: nothing collected (e.g. -m filtered everything out)
 
 
 def _crash_name(rc: int):
@@ -39,44 +46,133 @@ def _crash_name(rc: int):
     return CRASH_CODES.get(rc)
 
 
-def _run(path: str, extra: list) -> tuple:
+class ProgressPlugin:
+    """Appends one JSON line per completed test file: {"file", "failed", "seconds"} (loaded with `-p`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.last_of_file: dict = {}
+        self.failed: dict = {}
+        self.started: dict = {}
+
+    def pytest_collection_modifyitems(self, session, config, items):
+        for item in items:
+            self.last_of_file[item.location[0]] = item.nodeid
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.started.setdefault(location[0], time.monotonic())
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.failed[report.location[0]] = self.failed.get(report.location[0], 0) + 1
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        f = location[0]
+        if self.last_of_file.get(f) == nodeid:
+            rec = {"file": f, "failed": self.failed.get(f, 0), "seconds": time.monotonic() - self.started[f]}
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+
+def _pytest_cmd(paths: list, extra: list) -> list:
+    return [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths, *extra]
+
+
+def _run(paths: list, extra: list, progress: str = None) -> tuple:
     t0 = time.monotonic()
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider", path, *extra]
-    rc = subprocess.call(cmd, cwd=ROOT, stdin=subprocess.DEVNULL)
+    cmd = _pytest_cmd(paths, extra)
+    env = dict(os.environ)
+    if progress is not None:
+        # `-p scripts.run_tests_plugin` would need scripts/ importable; a tiny bootstrap module does the same.
+        boot = os.path.join(os.path.dirname(progress), "jaxserve_progress_plugin.py")
+        with open(boot, "w") as fh:
+            fh.write(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                     f"from run_tests import ProgressPlugin\n"
+                     f"def pytest_configure(config):\n"
+                     f"    config.pluginmanager.register(ProgressPlugin({progress!r}), 'jaxserve-progress')\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(boot), env.get("PYTHONPATH")]))
+        cmd[cmd.index("-q"):cmd.index("-q")] = ["-p", "jaxserve_progress_plugin"]
+    rc = subprocess.call(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, env=env)
     return rc, time.monotonic() - t0
+
+
+def _completed(progress: str) -> dict:
+    done = {}
+    if os.path.exists(progress):
+        with open(progress) as fh:
+            for line in fh:
+                rec = json.loads(line)
+                done[os.path.normpath(rec["file"])] = rec
+    return done
+
+
+def _summary(results: list, total: float) -> int:
+    print("\n" + "-" * 78)
+    for path, ok, dt, note in results:
+        print(f"{path:48s} {dt:7.1f} s  {'ok' if ok else 'FAILED'}  {note}")
+    failed = [p for p, ok, _, _ in results if not ok]
+    print(f"{len(results)} files, {len(failed)} failed, {total / 60:.1f} min")
+    return 1 if failed else 0
+
+
+def run_one_process(files: list, extra: list) -> int:
+    t_all = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="jaxserve-tests-")
+    progress = os.path.join(tmp, "progress.jsonl")
+    rc, _ = _run(files, extra, progress)
+    done = _completed(progress)
+    results = []
+    for f in files:
+        rec = done.get(os.path.normpath(f))
+        if rec is not None:
+            results.append((f, rec["failed"] == 0, rec["seconds"], ""))
+    crash = _crash_name(rc)
+    rest = [f for f in files if os.path.normpath(f) not in done]
+    if crash:
+        print(f"!!! the pytest process died ({crash}); running the {len(rest)} files it had not completed "
+              f"one process per file", flush=True)
+        for f in rest:
+            print(f"==> {f}", flush=True)
+            rc_f, dt = _run([f], extra)
+            results.append((f, rc_f in OK_CODES, dt, f"after the crash ({crash}): rc={rc_f}"))
+    elif rc not in OK_CODES:
+        # Failures are per file above; a non-zero exit with no failing file is an error outside the tests
+        # (collection, a fixture at session scope, an internal error): report it as such.
+        if all(ok for _, ok, _, _ in results):
+            results.append(("(pytest session)", False, 0.0, f"rc={rc}"))
+    for f in rest if not crash else []:
+        results.append((f, rc == 5, 0.0, "no tests ran (deselected or not collected)"))
+    return _summary(results, time.monotonic() - t_all)
+
+
+def run_per_file(files: list, extra: list) -> int:
+    t_all = time.monotonic()
+    results = []
+    for path in files:
+        print(f"==> {path}", flush=True)
+        rc, dt = _run([path], extra)
+        note = ""
+        crash = _crash_name(rc)
+        if crash:
+            print(f"!!! {path}: the pytest process died ({crash}); running the file once more", flush=True)
+            rc, dt2 = _run([path], extra)
+            dt += dt2
+            note = f"crashed once ({crash}), rerun rc={rc}"
+        results.append((path, rc in OK_CODES, dt, note))
+    return _summary(results, time.monotonic() - t_all)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    per_file = "--per-file" in argv
+    argv = [a for a in argv if a != "--per-file"]
     files = [a for a in argv if a.endswith(".py") and os.path.exists(os.path.join(ROOT, a))]
     extra = [a for a in argv if a not in files]
     files = files or sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
     if os.environ.get("CI") and "JAXSERVE_CACHE" not in os.environ:
         # CI: one private, initially empty cache (converted checkpoint, tokenizer) for all the files in turn.
-        import tempfile
-
         os.environ["JAXSERVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-ci-cache-")
-    results = []
-    t_all = time.monotonic()
-    for path in files:
-        print(f"==> {path}", flush=True)
-        rc, dt = _run(path, extra)
-        note = ""
-        crash = _crash_name(rc)
-        if crash:
-            print(f"!!! {path}: the pytest process died ({crash}); running the file once more", flush=True)
-            rc, dt2 = _run(path, extra)
-            dt += dt2
-            note = f"crashed once ({crash}), rerun rc={rc}"
-        results.append((path, rc, dt, note))
-    total = time.monotonic() - t_all
-    print("\n" + "-" * 78)
-    for path, rc, dt, note in results:
-        status = "ok" if rc in (0, 5) else f"FAILED rc={rc}"  # 5: nothing collected (e.g. -m filtered all)
-        print(f"{path:48s} {dt:7.1f} s  {status}  {note}")
-    failed = [p for p, rc, _, _ in results if rc not in (0, 5)]
-    print(f"{len(files)} files, {len(failed)} failed, {total / 60:.1f} min")
-    return 1 if failed else 0
+    return run_per_file(files, extra) if per_file else run_one_process(files, extra)
 
 
 if __name__ == "__main__":
