@@ -38,7 +38,14 @@ def _release_compiled_programs():
     Engines are not affected: their programs are compiled ahead of time and held by the runner, not the cache.
     """
     yield
+    # Real-model engines (a gigabyte or more each) are not kept past their module: in one-process runs
+    # (scripts/run_tests.py) they would otherwise add up; the tiny engines are shared by the whole session.
+    for key in [k for k in _ENGINES if not k[0].startswith("tiny-")]:
+        del _ENGINES[key]
     if "jax" in sys.modules:  # host-only modules never import JAX; don't do it for them
+        import gc
+
+        gc.collect()
         sys.modules["jax"].clear_caches()
 
 
@@ -69,7 +76,7 @@ def tiny_gemma3():
     return get_llm("tiny-gemma3", **TINY_KW)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gemma():
-    """The real Gemma 3 270M, shared by every slow test."""
+    """The real Gemma 3 270M, shared by the slow tests of a module (freed after it, see above)."""
     return get_llm("gemma3-270m", max_model_len=1024, max_num_seqs=8, num_pages=1024)
