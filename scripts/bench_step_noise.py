@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     import jax
 
     from jaxserve import LLM
-    from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays
+    from jaxserve.engine.sampler import SamplingTensors
+    from jaxserve.engine.sampling_inputs import build_sampling_arrays
     from jaxserve.sampling_params import SamplingParams
 
     B, pages = args.batch, 96
