@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from jaxserve.errors import InvalidConfigError
 
@@ -344,7 +344,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # None: min(model context, 8192)
     max_num_seqs: int = 32  # requests per decode step (largest decode bucket)
     max_num_batched_tokens: int = 512  # tokens per prefill step = prefill chunk budget
-    # Fewer prefill buckets = faster start-up (each program costs ~0.4 s to trace even when its compiled
+    # Fewer prefill buckets = faster start-up (each program is traced at start-up even when its compiled
     # form comes from the persistent cache): rows x tokens from 1 x 32 up to 4 x 128 and 1 x 512.
     max_prefill_seqs: int = 4
     min_prefill_tokens: int = 32  # smallest prefill Q bucket

@@ -22,7 +22,7 @@ Decode roofline: a decode step reads every weight once plus the KV of every sequ
 lower bound is (weights / num_devices + batch x KV per sequence per device) / peak memory bandwidth, with each
 sequence's KV at full `context` (an upper bound for sliding-window models, whose local layers read less).
 
-Host-side only: JAX is imported lazily, and only by `detect_device`.
+Host-side only: JAX is imported lazily, and only to look at a live device (`device_of`, `is_accelerator`).
 """
 
 from __future__ import annotations
@@ -111,10 +111,6 @@ _ALIASES = {
 }
 
 
-def device_names() -> list:
-    return list(DEVICES)
-
-
 def get_device(name: str, bandwidth_bytes_per_s: Optional[float] = None) -> Device:
     """Look a device up by key or alias, case-insensitively (`A100-80GB`, `a100_80gb`, `TPU v5e` all work)."""
     if isinstance(name, Device):
@@ -161,14 +157,6 @@ def device_key_from_kind(platform: str, device_kind: str) -> Optional[str]:
     if "h200" in kind:
         return "h200"
     return None
-
-
-def detect_device() -> str:
-    """The DEVICES key of JAX's first device (imports JAX); "cpu" when the table has no such device."""
-    import jax
-
-    d = jax.devices()[0]
-    return device_key_from_kind(d.platform, getattr(d, "device_kind", "")) or "cpu"
 
 
 def device_of(jax_device=None) -> Device:

@@ -188,7 +188,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf_path: str, *, bos_id=None, eos_ids=None, pad_id=None, chat_template=None) -> "Tokenizer":
-        """Build the tokenizer a GGUF file describes (`jaxserve.weights.gguf_tokenizer`; ~3 s for Gemma 3).
+        """Build the tokenizer a GGUF file describes (`jaxserve.weights.gguf_tokenizer`; seconds for Gemma 3).
 
         Ids not given are taken from the file (`tokenizer.ggml.*`), the chat template from
         `tokenizer.chat_template`. Save the result with `save()` so later starts load `tokenizer.json` directly.

@@ -71,7 +71,6 @@ def _prefill_kernel(*refs, block_q, num_tokens, page_size, pages_per_block, page
                  pages_per_seq=pages_per_seq, pages_per_block=pages_per_block, page_size=page_size,
                  num_kv_heads=num_kv_heads)
     bk = kv.block_tokens
-    rows = group * block_q
 
     # ---- fused write of this block's new K/V ----
     if fused:

@@ -19,7 +19,6 @@ so their cost grows with the table width, not the context length.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 __all__ = [

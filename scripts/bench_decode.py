@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     bw = measure_bandwidth()
     result["machine"]["copy_bandwidth_GBps"] = bw / 1e9
     # Every engine is built first and kept; then `--rounds` rounds each time every (config, batch) once, the
-    # config order rotated per round. This machine has slow phases (a step ~3x slower for seconds to minutes,
-    # same process and executable), so configs timed one block after the other can land in different phases;
+    # config order rotated per round. A machine may have slow phases (a step several times slower for seconds to
+    # minutes, same process and executable), so configs timed one block after the other can land in different phases;
     # interleaved rounds and the median over rounds keep the side-by-side comparison fair.
     per_seq_pages = -(-(128 + args.new_tokens) // 16) + 1
     engines = {}

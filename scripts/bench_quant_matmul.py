@@ -72,7 +72,7 @@ def _cases(K, N, xnnpack_only=False):
         "int4 naive (unpack, dot)": lambda x: x @ q4.dequantize(),
         "int4 chunked (ours)": lambda x: q4.matmul(x),
         "int4 unchunked two-half dot": lambda x: dataclasses.replace(q4, chunk=None).matmul(x),
-        # Timed last: timed before the chunked int8 / int4 cases, it slowed them ~3x in the same process.
+        # Timed last: timed before the chunked int8 / int4 cases, it slowed them in the same process.
         "bf16, f32 accumulation (engine)": lambda x: float_matmul(x.astype(jnp.bfloat16), WB, jnp.float32),
     }, (W.nbytes, q8, q4)
 

@@ -1,4 +1,4 @@
-"""Time `jaxserve.engine.sampling.sample` on the current backend.
+"""Time `jaxserve.engine.sampler.sample` on the current backend.
 
     python scripts/bench_sampling.py                 # R in {1, 32}, V = 262144 (Gemma 3 vocab)
     python scripts/bench_sampling.py --rows 1 8 32 --vocab 128256 --history 8192
@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample  # noqa: E402
+from jaxserve.engine.sampler import SamplingTensors, sample  # noqa: E402
+from jaxserve.engine.sampling_inputs import build_sampling_arrays  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
 SCENARIOS = {

@@ -73,7 +73,6 @@ def spec_for(method: str, args):
 
 
 def run_set(llm, prompts, params) -> dict:
-    eng = llm.engine
     outs, tpot_sum, toks = [], 0.0, 0
     for p in prompts:  # batch 1
         ro = llm.generate([p], params, use_tqdm=False)[0]

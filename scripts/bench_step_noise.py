@@ -5,8 +5,7 @@
 
 Every window of 40 calls prints the median and minimum step time, the process's CPU-seconds per wall-second
 and its minor page faults. The program, its inputs and the process never change, so any change in step time
-is the machine (README "Timing noise": here the same step alternated between ~27 and ~75 ms for seconds to
-minutes). Writes bench_results/step_noise.json.
+is the machine (README "Timing noise"). Writes bench_results/step_noise.json.
 """
 
 from __future__ import annotations
@@ -42,7 +41,8 @@ def main(argv=None) -> int:
     import jax
 
     from jaxserve import LLM
-    from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays
+    from jaxserve.engine.sampler import SamplingTensors
+    from jaxserve.engine.sampling_inputs import build_sampling_arrays
     from jaxserve.sampling_params import SamplingParams
 
     B, pages = args.batch, 96

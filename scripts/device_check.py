@@ -576,7 +576,8 @@ def time_compiled_step(llm, batch, context, repeats):
     import numpy as np
 
     from jaxserve import SamplingParams
-    from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays
+    from jaxserve.engine.sampler import SamplingTensors
+    from jaxserve.engine.sampling_inputs import build_sampling_arrays
 
     runner = llm.engine.runner
     ps = runner.page_size

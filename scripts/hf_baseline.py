@@ -129,11 +129,9 @@ def load_hf_gemma3(path: str | None = None, attn_implementation: str = "eager"):
         attn_implementation=attn_implementation,
     )
     model.eval()
-    # The GGUF loader leaves many weights at 16/32/48-byte aligned addresses; MKL's sgemm
-    # was up to ~5x slower on those here (a 6x640 @ 640x2048 matmul: 11 ms vs 2 ms after
-    # a copy; a 6-token forward went from ~2.2 s to ~1.1 s). Copy
-    # every parameter into a fresh (64-byte aligned) buffer. model.parameters() yields
-    # the tied embedding/lm_head Parameter once, so the tie is kept.
+    # The GGUF loader leaves many weights at 16/32/48-byte aligned addresses, on which MKL's sgemm
+    # can be several times slower. Copy every parameter into a fresh (64-byte aligned) buffer.
+    # model.parameters() yields the tied embedding/lm_head Parameter once, so the tie is kept.
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.contiguous().clone()

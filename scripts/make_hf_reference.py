@@ -276,7 +276,6 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.perf_counter()
 
-    import gguf
     import transformers
     from importlib.metadata import version
 

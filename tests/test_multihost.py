@@ -29,8 +29,8 @@ def _env():
 
 
 def test_two_processes_model_parallel_match_one_process():
-    common = [sys.executable, "-m", "jaxserve.parallel.check", "--model", "tiny-llama", "--devices", "1",
-              "--max-tokens", "8"]
+    common = [sys.executable, os.path.join(ROOT, "tests", "parallel_check.py"), "--model", "tiny-llama",
+              "--devices", "1", "--max-tokens", "8"]
     # The reference: one process, one device, no mesh.
     ref = subprocess.run(common, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Tensor, pipeline and data parallelism (jaxserve/parallel/).
 
-Layouts run in subprocesses (`python -m jaxserve.parallel.check`) with 8 forced host CPU devices: the device
+Layouts run in subprocesses (`python tests/parallel_check.py`) with 8 forced host CPU devices: the device
 count must be set before JAX is imported, and this pytest process may already have imported it. Each layout's
 greedy tokens must equal the single-device engine's; sharded matmuls sum in another order, so logprobs may
 differ in the last bits (asserted below LOGPROB_TOL and reported by the check tool).
@@ -31,7 +31,7 @@ def run_check(*args, timeout=1500) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env["JAXSERVE_XLA_CACHE"] = "0"
-    cmd = [sys.executable, "-m", "jaxserve.parallel.check", *args]
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "parallel_check.py"), *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{cmd} failed:\n{p.stderr[-4000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -39,7 +39,7 @@ def run_check(*args, timeout=1500) -> dict:
 
 def assert_layouts(res: dict, tensor_parallel: tuple = (), tol: float = LOGPROB_TOL):
     assert res["devices"] == 8
-    R = 2  # rows of the largest decode bucket (check.SMALL_KW max_num_seqs); pipeline micro-batches have fewer
+    R = 2  # rows of the largest decode bucket (parallel_check.py: SMALL_KW max_num_seqs); pipeline micro-batches fewer
     single = res["single"]["tokens"]
     assert all(len(t) > 0 for t in single)
     for spec, e in res["layouts"].items():

@@ -1,4 +1,4 @@
-"""On-device sampling (jaxserve.engine.sampling) against numpy references.
+"""On-device sampling (jaxserve.engine.sampler, inputs from sampling_inputs) against numpy references.
 
 Distribution tests draw thousands of samples with fixed seeds, so every outcome is deterministic; the stated
 tolerance is what a *correct* sampler would fail with probability < 1e-4: the chi-square statistic of the
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
-import jaxserve.engine.sampling as sampling
-from jaxserve.engine.sampling import (FIELDS, SampleResult, SamplingTensors, build_sampling_arrays, penalize,
-                                      sample, seed_to_u32)
+import jaxserve.engine.sampler as sampler
+from jaxserve.engine.sampler import FIELDS, SampleResult, SamplingTensors, penalize, sample
+from jaxserve.engine.sampling_inputs import build_sampling_arrays, seed_to_u32
 from jaxserve.sampling_params import SamplingParams as SP
 
 # Every call is padded to a few standard shapes so the whole file compiles only a handful of programs:
@@ -53,7 +53,7 @@ def pad_logits(logits, pad=True):
     return x
 
 
-def run(logits, params, nmax=NMAX, top_k_cap=sampling.TOP_K_CAP, row_chunk=None, pad=True, **kw):
+def run(logits, params, nmax=NMAX, top_k_cap=sampler.TOP_K_CAP, row_chunk=None, pad=True, **kw):
     n = len(params)
     x = pad_logits(logits, pad)
     st = SamplingTensors(**arrays_for(params, R=x.shape[0], **kw))
@@ -241,8 +241,8 @@ def test_blocked_top_k_is_exact(k):
     distinct[1] *= -1
     tied = np.round(rng.standard_normal((2, V)) * 2).astype(np.float32)  # ~15 distinct values
     for x in (distinct, tied):
-        bm = x.reshape(2, -1, sampling.LEAF).max(2)
-        v, i = jax.jit(sampling._top_k_blocked, static_argnums=(2,))(x, bm, k)
+        bm = x.reshape(2, -1, sampler.LEAF).max(2)
+        v, i = jax.jit(sampler._top_k_blocked, static_argnums=(2,))(x, bm, k)
         rv, ri = jax.lax.top_k(x, k)
         np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
         np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(i), 1), np.asarray(rv))
@@ -344,7 +344,7 @@ def test_top_p_on_top_k_renormalised_distribution():
 
 def test_top_p_exact_fallback_path(monkeypatch):
     """Flat distribution + small p: rejection mostly fails, rows go to the bisection threshold."""
-    monkeypatch.setattr(sampling, "MAX_DRAWS", 1)
+    monkeypatch.setattr(sampler, "MAX_DRAWS", 1)
     f = jax.jit(lambda x, st: sample(x, st, NMAX))
     rng = np.random.default_rng(8)
     l = (rng.standard_normal(V_STD) * 0.3).astype(np.float32)
@@ -559,7 +559,7 @@ def test_key_is_fold_in_of_seed_and_step():
     l = np.log(np.full(8, 1 / 8)).astype(np.float32)
     seed, step = 1234, 56
     tok = run(l[None], [SP(temperature=1.0)], seeds=[seed], steps=[step]).tokens[0]
-    u = float(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step), (sampling.MAX_DRAWS + 1,))[0])
+    u = float(jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step), (sampler.MAX_DRAWS + 1,))[0])
     assert tok == int(u * 8)
 
 

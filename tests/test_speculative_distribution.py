@@ -60,7 +60,7 @@ def run(eng: LLMEngine, prompts, params) -> list:
 
 
 def filtered(logp: np.ndarray, T: float, top_k: int, top_p: float) -> np.ndarray:
-    """The sampler's distribution (jaxserve/engine/sampling.py semantics) from raw logprobs over the vocab."""
+    """The sampler's distribution (jaxserve/engine/sampler.py semantics) from raw logprobs over the vocab."""
     s = logp / T
     if 0 < top_k < V:
         s = np.where(s >= np.sort(s)[::-1][top_k - 1], s, -np.inf)

@@ -155,9 +155,6 @@ class BlockManager:
 
     __contains__ = has_seq
 
-    def num_pages_of(self, seq_id: int) -> int:
-        return len(self._get(seq_id).pages)
-
     def ref_count(self, page: int) -> int:
         return self._ref[page]
 

@@ -80,7 +80,6 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.stop_reason = None
         self.output_text = ""
-        self.emitted_text_len = 0  # chars already streamed out (stop-string hold-back)
         self.detokenizer = None
         self.metrics = SeqMetrics()
         stop_ids = set() if params.ignore_eos else set(eos_ids)

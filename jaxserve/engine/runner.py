@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
+from jaxserve.engine.sampler import SamplingTensors, sample
+from jaxserve.engine.sampling_inputs import build_sampling_arrays
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache, pack_bf16_layers
 from jaxserve.weights.quantize import ensure_quantized, to_device

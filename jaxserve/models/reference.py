@@ -7,7 +7,6 @@ layers. Slow and obviously correct.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.transformer import (dense, embed_tokens, lm_head, mlp, qkv, rms_norm, rope_inv_freq, softcap,
@@ -47,15 +46,3 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> jnp.ndarray:
             m = rms_norm(m, lp["post_mlp_norm"], cfg.rms_norm_eps)
         x = x + m
     return lm_head(cfg, params, x)
-
-
-def reference_greedy(cfg: ModelConfig, params, prompt, max_new_tokens: int) -> list:
-    """Greedy continuation by re-running the full forward each step (quadratic; tests only)."""
-    toks = list(prompt)
-    out = []
-    for _ in range(max_new_tokens):
-        logits = np.asarray(reference_forward(cfg, params, toks)[-1])
-        t = int(np.argmax(logits))
-        out.append(t)
-        toks.append(t)
-    return out

@@ -8,5 +8,6 @@
     checkpoint.py   sharded orbax save, restore straight into target shardings
     distributed.py  multi-host start-up (jax.distributed.initialize from flags / environment)
     cli.py          the --mesh / multi-host flags
-    check.py        `python -m jaxserve.parallel.check`: a layout's tokens vs the single device
+
+A layout's tokens against the single device: `python tests/parallel_check.py` (a test harness, not library code).
 """

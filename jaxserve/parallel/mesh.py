@@ -15,7 +15,7 @@ so tensor-parallel collectives stay between neighbouring chips.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 from jaxserve.errors import InvalidConfigError
 

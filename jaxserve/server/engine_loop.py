@@ -17,7 +17,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from typing import Callable, Optional
 
 log = logging.getLogger("jaxserve.server")
@@ -73,8 +72,6 @@ class EngineLoop:
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopping = False
-        self.step_errors = 0
-        self.last_step_time = 0.0
 
     # -------------------------------------------------------------- lifecycle
     def start(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
@@ -162,10 +159,6 @@ class EngineLoop:
         self._inbox.put(cmd)
         return await asyncio.wait_for(fut, timeout)
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._routes)
-
     # -------------------------------------------------------------- the thread
     def _run_commands(self, block: bool) -> None:
         try:
@@ -189,15 +182,12 @@ class EngineLoop:
             self._run_commands(block=not eng.has_unfinished_requests())
             if self._stopping or not eng.has_unfinished_requests():
                 continue
-            t0 = time.monotonic()
             try:
                 outs = eng.step()
             except Exception as e:  # noqa: BLE001
-                self.step_errors += 1
                 log.exception("engine step failed; aborting the requests in flight")
                 self._fail_all(EngineDead(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
-            self.last_step_time = time.monotonic() - t0
             self._deliver(outs)
         # Shutdown: whatever is left (only after the drain timeout) is aborted, its pages freed.
         self._run_commands(block=False)

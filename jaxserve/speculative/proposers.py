@@ -165,7 +165,7 @@ class ModelDraftProposer(Proposer):
                 # Drafts are greedy: an argmax instead of the full sampler (a fraction of the compile time).
                 import jax.numpy as jnp
 
-                from jaxserve.engine.sampling import SampleResult, _argmax
+                from jaxserve.engine.sampler import SampleResult, _argmax
                 from jaxserve.models.transformer import forward_step
 
                 logits, kv = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,

@@ -33,7 +33,8 @@ import numpy as np
 from jax._src import config as jax_config
 
 from jaxserve.engine.runner import compile_count
-from jaxserve.engine.sampling import SamplingTensors, build_sampling_arrays, sample
+from jaxserve.engine.sampler import SamplingTensors, sample
+from jaxserve.engine.sampling_inputs import build_sampling_arrays
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step
 from jaxserve.speculative.adaptive import AdaptiveController

@@ -5,7 +5,7 @@
 * The file is read with `gguf.GGUFReader` (memory-mapped) and every tensor is dequantized with
   `gguf.quants.dequantize` to float32. Large tensors are dequantized in row chunks on two threads: numpy
   releases the GIL in the arithmetic, and small chunks keep the temporaries in cache (dequantizing the
-  262k x 640 Q8_0 embedding in one call is ~6x slower than in 16k-row chunks).
+  262k x 640 Q8_0 embedding in one call is several times slower than in 16k-row chunks).
 * Weights come out `[in, out]` and stacked over layers, float32 numpy.
 * RMSNorm weights: llama.cpp's converter stores Gemma norms as `1 + w` (it adds Gemma's offset at convert
   time, so llama.cpp applies the stored weight directly). The stored value is therefore already the
@@ -65,9 +65,9 @@ def _make_reader_class():
     class FastGGUFReader(gguf.GGUFReader):
         """`gguf.GGUFReader` with bounds-checked reads and vectorized metadata arrays.
 
-        The stock reader builds one numpy memmap view per array element: 10-16 s for Gemma 3's 262k-token
-        vocabulary on this machine. Here scalar arrays (scores, token types) are one typed view, string
-        arrays are walked with `struct` and sliced from a plain ndarray view (~0.3 s), and every read is
+        The stock reader builds one numpy memmap view per array element: many seconds for Gemma 3's 262k-token
+        vocabulary. Here scalar arrays (scores, token types) are one typed view, string arrays are walked
+        with `struct` and sliced from a plain ndarray view (a fraction of a second), and every read is
         checked against the file size so a truncated or corrupt header raises `_CorruptFile` instead of
         yielding short arrays or looping over a garbage count.
 
@@ -77,7 +77,7 @@ def _make_reader_class():
 
         def _get(self, offset, dtype, count=1, override_order=None):
             plain = self.__dict__.get("_plain")
-            if plain is None:  # a plain ndarray view: slicing a memmap subclass is ~10x slower
+            if plain is None:  # a plain ndarray view: slicing a memmap subclass is far slower
                 plain = self._plain = self.data.view(np.ndarray)
             count = int(count)
             itemsize = np.dtype(dtype).itemsize

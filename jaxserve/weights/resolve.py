@@ -137,7 +137,7 @@ def _resolve_converted(path: str) -> ResolvedModel:
         timings["params"] = time.perf_counter() - t
         return p
 
-    # The params restore (tensorstore threads) starts now and overlaps the tokenizer parse (~1.5 s).
+    # The params restore (tensorstore threads) starts now and overlaps the tokenizer parse.
     pool = ThreadPoolExecutor(1)
     future = pool.submit(restore)
     pool.shutdown(wait=False)
@@ -276,7 +276,7 @@ def _convert_embedded(name: str, out: str) -> ResolvedModel:
     preset = PRESETS[EMBEDDED[name][1]]
     ids = _tok_ids(tokenizer_defaults(preset))
     t_assemble = time.perf_counter() - t0
-    # The tokenizer conversion is mostly Python (~3 s) and dequantization mostly numpy with the GIL released,
+    # The tokenizer conversion is mostly Python and dequantization mostly numpy with the GIL released,
     # so running them side by side hides the weights' time.
     def build_tokenizer():
         if os.path.isfile(os.path.join(out, "tokenizer.json")):  # only the params of an earlier cache were bad

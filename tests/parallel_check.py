@@ -1,7 +1,8 @@
-"""Compare a mesh layout's greedy tokens with the single-device engine (used by tests/test_parallel*.py).
+"""Compare a mesh layout's greedy tokens with the single-device engine (run by tests/test_parallel.py,
+test_pallas_mesh.py and test_multihost.py).
 
-    python -m jaxserve.parallel.check --model tiny-llama --devices 8 --mesh model=2 --mesh stage=2
-    python -m jaxserve.parallel.check --model gemma3-270m --devices 8 --mesh model=4 --max-tokens 6
+    python tests/parallel_check.py --model tiny-llama --devices 8 --mesh model=2 --mesh stage=2
+    python tests/parallel_check.py --model gemma3-270m --devices 8 --mesh model=4 --max-tokens 6
 
 Runs in a fresh process because the device count (`--devices`, XLA's forced host platform device count) must
 be set before JAX is imported. Prints one JSON object (last line of stdout): per layout the tokens, whether they
@@ -20,6 +21,9 @@ import os
 import re
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # Small programs: 2 decode buckets and 1 prefill bucket per engine keep compiles short on a 2-core machine.
 SMALL_KW = dict(page_size=4, max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16, max_prefill_seqs=1,
