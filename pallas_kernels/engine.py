@@ -107,12 +107,12 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
         kw = dict(scale=float(cfg.attn_scale), window=jnp.asarray(window, jnp.int32),
                   softcap=cfg.attn_logit_softcap, interpret=interp)
         if hasattr(k_cache, "scales"):
-            # An int8 KV cache (jaxserve.weights.quantize.Int8KV): int8 values + f32 scales [L, slots, Hkv],
+            # An int8 KV cache (jaxserve.models.kv_cache.Int8KV): int8 values + f32 scales [L, slots, Hkv],
             # viewed as the kernels' int8 pages and k_scales / v_scales [pages, page_size, Hkv].
             kw["k_scales"] = k_cache.scales.reshape(num_layers * n, page_size, hkv)
             kw["v_scales"] = v_cache.scales.reshape(num_layers * n, page_size, hkv)
             k_cache, v_cache = k_cache.q, v_cache.q
-        elif hasattr(k_cache, "bits"):  # a bfloat16 cache stored as bits on CPU (jaxserve.weights.quantize.Bf16KV)
+        elif hasattr(k_cache, "bits"):  # a bfloat16 cache stored as bits on CPU (jaxserve.models.kv_cache.Bf16KV)
             k_cache, v_cache = k_cache.as_bfloat16(), v_cache.as_bfloat16()
         k_pages = k_cache.reshape(num_layers * n, page_size, hkv, hd)
         v_pages = v_cache.reshape(num_layers * n, page_size, hkv, hd)
@@ -169,7 +169,7 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
 
 @dataclasses.dataclass(frozen=True)
 class QuantMatmulKernel:
-    """How one quantized weight (jaxserve.weights.quantize.Int8Weight / Int4Weight, its `kernel` field) runs
+    """How one quantized weight (jaxserve.models.quantized.Int8Weight / Int4Weight, its `kernel` field) runs
     its matmul through pallas_kernels/quant_matmul.py. Hashable: it is static pytree metadata of the weight.
 
     On a mesh, `k_axis` / `n_axis` name the mesh axis that splits the weight's K (row-parallel: wo, w_down) or
@@ -243,7 +243,7 @@ def bind_matmul_kernels(params, impl: str, *, platform: Optional[str] = None, ke
     On a mesh each weight's split is read from its placed `w_q` sharding (jaxserve/parallel/rules.py decides
     it); a row-parallel int4 weight whose per-device share of K is not whole groups runs replicated (correct,
     but it gathers the weight), with a warning."""
-    from jaxserve.weights.quantize import is_quantized
+    from jaxserve.models.quantized import is_quantized
 
     if matmul_backend(impl, platform) == "xla":
         return params

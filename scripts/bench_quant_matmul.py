@@ -43,7 +43,7 @@ def _cases(K, N, xnnpack_only=False):
     import jax
     import jax.numpy as jnp
 
-    from jaxserve.models.transformer import float_matmul
+    from jaxserve.models.linear import float_matmul
     from jaxserve.weights import quantize as qz
 
     rng = np.random.default_rng(0)

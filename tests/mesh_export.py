@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from jaxserve.engine.runner import ModelRunner, attention_fn_for, bind_matmul_for
     from jaxserve.parallel.mesh import make_mesh, resolve_mesh_spec
     from jaxserve.parallel.placement import Placement
-    from jaxserve.weights.quantize import Int8KV
+    from jaxserve.models.kv_cache import Int8KV
     from jaxserve.weights.resolve import resolve_model
 
     res = resolve_model(args.model, random_weights=True, seed=0)

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from jaxserve import SamplingParams
-from jaxserve.models.transformer import float_matmul
+from jaxserve.models.kv_cache import Bf16KV
+from jaxserve.models.linear import float_matmul
+from jaxserve.models.quantized import is_quantized
 from jaxserve.weights import quantize as qz
 from tests.conftest import TINY_KW
 from tests.test_engine import _mixed_prompts
@@ -24,7 +26,7 @@ BF16_LOGIT_TOL = 1e-3  # measured 1.3e-6 (the engine and the reference round the
 
 def test_bf16_kv_stores_bits_and_reads_back_bfloat16():
     shape = (3, 40, 2, 8)
-    c = qz.Bf16KV.zeros(shape)
+    c = Bf16KV.zeros(shape)
     assert c.bits.dtype == jnp.uint16 and c.shape == shape and c.dtype == jnp.bfloat16 and c.nbytes == 2 * np.prod(shape)
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 2, 8), jnp.float32) * 3
     slots = jnp.array([0, 7, 8, 21, 39])
@@ -80,8 +82,8 @@ def test_engine_bf16_weights_match_the_bf16_reference(llm_factory, quant):
     cfg = llm.model_config
     layers = llm.engine.runner.params["layers"]
     if quant != "plain":
-        assert all(qz.is_quantized(layers[k]) for k in qz.LINEAR_KEYS)
-        assert qz.is_quantized(llm.engine.runner.params["embed"]) == ("embed" in quant)
+        assert all(is_quantized(layers[k]) for k in qz.LINEAR_KEYS)
+        assert is_quantized(llm.engine.runner.params["embed"]) == ("embed" in quant)
     prompts = _mixed_prompts(cfg.vocab_size, [3, 30, 90], seed=5)
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
     outs = llm.generate(prompts, sp)

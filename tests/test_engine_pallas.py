@@ -170,7 +170,7 @@ def test_adapter_matches_xla_attention(Q, q_lens, ctx_lens, kernel):
 def test_adapter_int8_kv_matches_xla_attention(Q, q_lens, ctx_lens, kernel):
     """An int8 KV cache (Int8KV: values + per token-and-head scales) through the kernels' int8 pages and
     k_scales / v_scales, against the XLA path reading the same cache dequantized."""
-    from jaxserve.weights.quantize import Int8KV, quantize_kv_int8
+    from jaxserve.models.kv_cache import Int8KV, quantize_kv_int8
 
     cfg = get_preset("tiny-gemma3")
     q, kc, vc, tables, kv_lens, pos = _attention_case(cfg, np.random.default_rng(10 + Q), q_lens, ctx_lens, Q)

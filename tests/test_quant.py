@@ -16,8 +16,11 @@ from hypothesis.extra import numpy as hnp
 from jaxserve import SamplingParams
 from jaxserve.config import PRESETS, EngineConfig
 from jaxserve.errors import InvalidConfigError
+from jaxserve.models.kv_cache import Bf16KV, Int8KV, quantize_kv_int8
+from jaxserve.models.quantized import check_group_size, is_quantized, pack_int4, unpack_int4
 from jaxserve.models.transformer import dense
 from jaxserve.weights import quantize as qz
+from jaxserve.weights.checkpoint import QUANT_FILE
 from jaxserve.weights.calibrate import gptq_quantize, split_topics
 from pallas_kernels import dispatch, reference as ref
 from tests.conftest import TINY_KW
@@ -64,9 +67,9 @@ def test_int4_error_bound(groups, group, n, seed):
 @given(q=hnp.arrays(np.int8, st.tuples(st.integers(1, 8).map(lambda h: 2 * h), st.integers(1, 8)),
                     elements=st.integers(-8, 7)))
 def test_int4_pack_roundtrip(q):
-    packed = qz.pack_int4(q)
+    packed = pack_int4(q)
     assert packed.dtype == np.uint8 and packed.shape == (q.shape[0] // 2, q.shape[1])
-    np.testing.assert_array_equal(np.asarray(qz.unpack_int4(packed)), q)
+    np.testing.assert_array_equal(np.asarray(unpack_int4(packed)), q)
     np.testing.assert_array_equal(np.asarray(ref.unpack_int4(packed)), q)  # the Pallas kernels' unpacking
     # Byte i: row i in the low nibble, row K/2 + i in the high nibble.
     h = q.shape[0] // 2
@@ -93,7 +96,7 @@ def test_bad_group_size_and_scheme_raise():
         qz.quantize_int4(w, 128)  # 640 % 256 != 0
     for bad in (0, -4, 3.5, True):
         with pytest.raises(InvalidConfigError, match="group_size"):
-            qz.check_group_size(bad)
+            check_group_size(bad)
     with pytest.raises(InvalidConfigError, match="unknown quantization"):
         EngineConfig(quantization="int3").validate(PRESETS["tiny-llama"])
     with pytest.raises(InvalidConfigError, match="kv_cache_dtype"):
@@ -164,7 +167,7 @@ def test_calibration_split_is_disjoint_and_seeded():
 
 # ------------------------------------------------------------------------------------------------ int8 KV
 def test_int8_kv_layout_matches_pallas_write_kv():
-    from jaxserve.models.transformer import init_kv_cache, write_kv
+    from jaxserve.models.kv_cache import init_kv_cache, write_kv
 
     cfg = PRESETS["tiny-gemma3"]
     num_pages, ps = 6, 4
@@ -210,9 +213,9 @@ def test_engine_quantized_matches_reference(llm_factory, name):
     llm = llm_factory("tiny-gemma3", **TINY_KW, **QUANT_CONFIGS[name])
     params = llm.engine.runner.params
     want = "int8" if name.startswith("int8") else "int4"
-    assert all(qz.is_quantized(params["layers"][k]) and params["layers"][k].bits == (8 if want == "int8" else 4)
+    assert all(is_quantized(params["layers"][k]) and params["layers"][k].bits == (8 if want == "int8" else 4)
                for k in qz.LINEAR_KEYS)
-    assert qz.is_quantized(params["embed"]) == ("embed" in name)
+    assert is_quantized(params["embed"]) == ("embed" in name)
     lengths = [1, 5, 17, 40, 70]
     prompts = _mixed_prompts(llm.model_config.vocab_size, lengths, seed=3)
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
@@ -233,7 +236,7 @@ def test_quantized_weights_shrink_resident_bytes():
 
 
 # How each KV cache dtype stores a K/V value (what the engine's attention reads back).
-KV_STORED = {"int8": lambda t: qz.Int8KV(*qz.quantize_kv_int8(t))[...],
+KV_STORED = {"int8": lambda t: Int8KV(*quantize_kv_int8(t))[...],
              "bfloat16": lambda t: t.astype(jnp.bfloat16).astype(t.dtype)}
 
 
@@ -248,7 +251,7 @@ def test_engine_low_precision_kv_matches_reference_with_that_kv(llm_factory, mon
     if kv == "int8":
         assert c.q.dtype == jnp.int8 and c.scales.shape == c.q.shape[:-1]
     else:
-        assert isinstance(c, qz.Bf16KV) and c.bits.dtype == jnp.uint16
+        assert isinstance(c, Bf16KV) and c.bits.dtype == jnp.uint16
     prompts = _mixed_prompts(llm.model_config.vocab_size, [3, 30, 90], seed=5)
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
     outs = llm.generate(prompts, sp)
@@ -307,7 +310,7 @@ def test_corrupt_quantized_checkpoint_raises(tmp_path):
 
     cfg = PRESETS["tiny-llama"]
     save_converted(str(tmp_path), cfg, qz.quantize_params(random_params(cfg, 0, dtype=np.float32), "int4", 16))
-    mpath = tmp_path / qz.QUANT_FILE
+    mpath = tmp_path / QUANT_FILE
     meta = json.loads(mpath.read_text())
     mpath.write_text(json.dumps(dict(meta, group_size=8)))  # scales no longer match the packed rows
     with pytest.raises(CheckpointError, match="corrupt quantized weights"):
@@ -325,7 +328,7 @@ def test_cli_convert_quant_then_load(tmp_path):
 
     out = str(tmp_path / "q")
     assert main(["convert", "tiny-llama", "--out", out, "--quant", "int8", "--random-weights"]) == 0
-    assert (tmp_path / "q" / qz.QUANT_FILE).exists()
+    assert (tmp_path / "q" / QUANT_FILE).exists()
     params = resolve_model(out).load_params()
     assert qz.describe(params) == {"scheme": "int8", "group_size": None, "embed": False}
     # The engine keeps the loaded int8 arrays as they are (no cast, no second quantization).

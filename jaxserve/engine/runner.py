@@ -24,7 +24,8 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.sampler import SamplingTensors, sample
 from jaxserve.engine.sampling_inputs import build_sampling_arrays
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
-from jaxserve.models.transformer import StepInputs, forward_step, init_kv_cache, pack_bf16_layers
+from jaxserve.models.kv_cache import init_kv_cache
+from jaxserve.models.transformer import StepInputs, forward_step, pack_bf16_layers
 from jaxserve.weights.quantize import ensure_quantized, to_device
 
 log = logging.getLogger("jaxserve")

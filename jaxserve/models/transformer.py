@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.weights.quantize import Bf16KV, Int8KV, dot_f32, is_quantized
+from jaxserve.models.kv_cache import write_kv
+from jaxserve.models.linear import float_matmul
+from jaxserve.models.quantized import is_quantized
 
 
 class StepInputs(NamedTuple):
@@ -60,7 +62,8 @@ def attn_query_tile(cfg: ModelConfig) -> int:
 def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = False):
     """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant`, on 4..32-row tiles (see ROW_TILE).
 
-    `w` may be a quantized weight (jaxserve/weights/quantize.py: Int8Weight / Int4Weight), then `w.matmul`."""
+    `w` may be a quantized weight (models/quantized.py: Int8Weight / Int4Weight), then `w.matmul`; a float one
+    goes through `linear.float_matmul`."""
     mm = (lambda a: w.matmul(a, out_dtype)) if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype, transposed))
     n_out = w.shape[0] if transposed and not is_quantized(w) else w.shape[-1]
     if not invariant:
@@ -77,26 +80,6 @@ def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = Fals
         xp = jnp.pad(x2, ((0, pad), (0, 0)))
         y = jax.lax.map(mm, xp.reshape(-1, ROW_TILE, K)).reshape(M + pad, -1)[:M]
     return y.reshape(*lead, n_out)
-
-
-def float_matmul(a, w, out_dtype=None, transposed: bool = False):
-    """a [..., K] @ w [K, N] for float weights (`transposed`: w is [N, K], e.g. a tied embedding as LM head).
-    Narrow floats (bf16) multiply with f32 accumulation, rounded to `out_dtype` (default a's dtype).
-
-    XLA:CPU runs bf16 x bf16 -> f32 dots natively (AVX512-BF16 here: ~1.7x an f32 dot at 512 rows), but a dot
-    with a bf16 result is upcast: every weight converted to f32 on every call (for Gemma 3 270M, the whole
-    262,144 x 640 embedding each decode step). One-row bf16 -> f32 dots take a slow matrix-vector path on
-    XLA:CPU (the LM head: ~180 ms vs ~12 ms at two rows), so on CPU a single row is computed as two; and a
-    [N, K] weight is contracted on its K axis directly (`x @ w.T` as a dot of a transpose was upcast again).
-    On TPU / GPU, bf16 inputs with f32 accumulation is the MXU / tensor-core dot anyway.
-    """
-    if a.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return a @ (w.T if transposed else w)
-    lead, K = a.shape[:-1], a.shape[-1]
-    N = w.shape[0] if transposed else w.shape[-1]
-    dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
-    y = dot_f32(a.reshape(-1, K), w, dims)
-    return y.reshape(*lead, N).astype(out_dtype or a.dtype)
 
 
 # bf16 weights on XLA:CPU: the stacked layer weights are held as their bits (uint16) because XLA:CPU has no
@@ -198,7 +181,7 @@ def softcap(x, cap: Optional[float]):
 
 
 def embed_tokens(cfg: ModelConfig, params, tokens):
-    e = params["embed"]  # a quantized embedding is stored as the LM head's [D, V] (weights/quantize.py)
+    e = params["embed"]  # a quantized embedding is stored as the LM head's [D, V] (models/quantized.py)
     if is_quantized(e):  # rows dequantized in f32, then the compute dtype (that of the float parameters)
         x = e.take_rows(tokens).astype(params["final_norm"].dtype)
     else:
@@ -394,21 +377,3 @@ def decoder_layers(cfg: ModelConfig, layer_params, x, kc, vc, inp: StepInputs, w
 
     (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kc, vc), (layer_params, windows, inv_freq, layers))
     return x, kc, vc
-
-
-def write_kv(cache, layer, slots, x):
-    """Write x [T, Hkv, hd] at (layer, slots) of a float cache or an Int8KV (quantized per token and head)."""
-    if isinstance(cache, (Int8KV, Bf16KV)):
-        return cache.write(layer, slots, x)
-    return cache.at[layer, slots].set(x.astype(cache.dtype))
-
-
-def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
-    """{"k", "v"}: float [L, slots, Hkv, hd], or for dtype int8 an Int8KV (int8 values + f32 scales [L, slots, Hkv],
-    the Pallas kernels' k_scales / v_scales layout), or for bfloat16 on XLA:CPU a Bf16KV (the bits as uint16)."""
-    shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
-    if jnp.dtype(dtype) == jnp.int8:
-        return {"k": Int8KV.zeros(shape), "v": Int8KV.zeros(shape)}
-    if Bf16KV.used_for(dtype):
-        return {"k": Bf16KV.zeros(shape), "v": Bf16KV.zeros(shape)}
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -22,7 +22,7 @@ from typing import Optional
 
 from jaxserve.config import EngineConfig
 from jaxserve.errors import InvalidConfigError, InvalidPromptError
-from jaxserve.weights.quantize import QUANT_FILE
+from jaxserve.weights.checkpoint import QUANT_FILE
 
 log = logging.getLogger("jaxserve")
 

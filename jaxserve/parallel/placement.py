@@ -23,8 +23,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.kv_cache import Bf16KV, Int8KV
+from jaxserve.models.quantized import is_quantized
 from jaxserve.parallel import rules
-from jaxserve.weights.quantize import Bf16KV, Int8KV, is_quantized
 
 log = logging.getLogger("jaxserve")
 

@@ -26,7 +26,7 @@ import dataclasses
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
-from jaxserve.weights.quantize import Int8Weight, is_quantized
+from jaxserve.models.quantized import Int8Weight, is_quantized
 
 
 def _div(n: int, t: int) -> bool:

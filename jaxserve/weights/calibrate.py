@@ -29,8 +29,8 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.errors import InvalidConfigError
-from jaxserve.weights.quantize import (DEFAULT_GROUP_SIZE, Int4Weight, check_group_size, is_quantized, pack_int4,
-                                      quantize_params)
+from jaxserve.models.quantized import DEFAULT_GROUP_SIZE, Int4Weight, check_group_size, is_quantized, pack_int4
+from jaxserve.weights.quantize import quantize_params
 
 log = logging.getLogger("jaxserve")
 
@@ -125,7 +125,7 @@ def _layer_impl(cfg: ModelConfig, lp, x, inv_freq, window, kv_dtype: str = "floa
     cache's per-(token, head) quantization first, as the engine's attention reads them; "bfloat16": they are
     rounded to bfloat16 as the bf16 cache stores them."""
     from jaxserve.models.transformer import activation, dense, qkv, rms_norm, softcap
-    from jaxserve.weights.quantize import Int8KV, quantize_kv_int8
+    from jaxserve.models.kv_cache import Int8KV, quantize_kv_int8
 
     S, T, _ = x.shape
     pos = jnp.arange(T)

@@ -6,6 +6,7 @@ Layout of a converted directory:
     params/                  orbax PyTree checkpoint of the params dict (float32 numpy, uncompressed)
     tokenizer.json           HF fast-tokenizer file (optional)
     tokenizer_meta.json      bos / eos / pad ids and chat template name (optional)
+    jaxserve_quant.json      for quantized params: scheme, group size and which leaves (to_plain / from_plain)
     jaxserve_converted.json  marker, written last: {"format": 1, ...}; a directory without it is incomplete
 
 Params are stored uncompressed: restoring 1 GB of float32 is ~2 s uncompressed versus ~7 s with orbax's
@@ -23,12 +24,15 @@ from typing import Optional
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.errors import CheckpointError
+from jaxserve.errors import CheckpointError, InvalidConfigError
 
 CONFIG_FILE = "jaxserve_config.json"
 PARAMS_DIR = "params"
 MARKER_FILE = "jaxserve_converted.json"
 FORMAT_VERSION = 1
+# Quantized params (models/quantized.py): which leaves are quantized and how, beside params/ (see to_plain).
+QUANT_FILE = "jaxserve_quant.json"
+QUANT_FORMAT = 1
 
 
 def _checkpointer():
@@ -77,10 +81,8 @@ def save_converted(out_dir: str, config: ModelConfig, params: dict, tokenizer_js
                         "pad_id": config.pad_token_id, "chat_template": config.chat_template}
                 with open(os.path.join(out_dir, "tokenizer_meta.json"), "w") as f:
                     json.dump(meta, f, indent=1)
-        # Quantized leaves (weights/quantize.py) are saved as {"w_q", "scales"} plus a manifest, and rebuilt as
+        # Quantized leaves (models/quantized.py) are saved as {"w_q", "scales"} plus a manifest, and rebuilt as
         # they are on restore: a quantized checkpoint is never re-quantized.
-        from jaxserve.weights.quantize import QUANT_FILE, to_plain
-
         params, qmeta = to_plain(params, quant_method)
         qpath = os.path.join(out_dir, QUANT_FILE)
         if qmeta is not None:
@@ -180,8 +182,6 @@ def expected_shapes(config: ModelConfig) -> dict:
 
 
 def _restore_quantized(path: str, params: dict) -> dict:
-    from jaxserve.weights.quantize import QUANT_FILE, from_plain
-
     qpath = os.path.join(path, QUANT_FILE)
     if not os.path.exists(qpath):
         return params
@@ -191,6 +191,63 @@ def _restore_quantized(path: str, params: dict) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{qpath}: corrupt quantization manifest ({e})") from None
     return from_plain(params, meta, where=path)
+
+
+def to_plain(params: dict, method: Optional[str] = None) -> tuple:
+    """(params with each quantized leaf as {"w_q", "scales"} dicts of numpy, manifest dict or None) for orbax."""
+    from jaxserve.models.quantized import is_quantized
+
+    keys, groups, bits = [], set(), set()
+
+    def conv(path, v):
+        if is_quantized(v):
+            keys.append(path)
+            bits.add(v.bits)
+            groups.add(v.group_size)
+            return {"w_q": np.asarray(v.w_q), "scales": np.asarray(v.scales)}
+        return v
+
+    out = {k: ({lk: conv(f"layers/{lk}", lv) for lk, lv in v.items()} if k == "layers" else conv(k, v))
+           for k, v in params.items()}
+    if not keys:
+        return out, None
+    if len(bits) != 1 or len(groups) != 1:
+        raise InvalidConfigError("mixed quantization formats in one checkpoint are not supported")
+    b = bits.pop()
+    meta = {"format": QUANT_FORMAT, "scheme": "int8" if b == 8 else "int4", "group_size": groups.pop(),
+            "method": method or ("rtn" if b == 8 else "rtn-or-calibrated"), "keys": sorted(keys)}
+    return out, meta
+
+
+def from_plain(params: dict, meta: Optional[dict], where: str = "checkpoint") -> dict:
+    """Inverse of `to_plain`: rebuild Int8Weight / Int4Weight leaves named in `meta` (no re-quantization)."""
+    from jaxserve.models.quantized import Int4Weight, Int8Weight
+
+    if meta is None:
+        return params
+    try:
+        if meta.get("format") != QUANT_FORMAT or meta["scheme"] not in ("int8", "int4"):
+            raise ValueError(f"unknown quantization manifest {meta!r}")
+        out = {**params, "layers": dict(params["layers"])}
+        for path in meta["keys"]:
+            parts = path.split("/")
+            holder = out["layers"] if parts[0] == "layers" else out
+            d = holder[parts[-1]]
+            w_q, scales = np.asarray(d["w_q"]), np.asarray(d["scales"])
+            if meta["scheme"] == "int8":
+                if w_q.dtype != np.int8 or scales.shape != w_q.shape[:-2] + w_q.shape[-1:]:
+                    raise ValueError(f"{path}: int8 w_q {w_q.dtype}{w_q.shape} / scales {scales.shape} do not match")
+                holder[parts[-1]] = Int8Weight(w_q, scales.astype(np.float32))
+            else:
+                g = int(meta["group_size"])
+                if (w_q.dtype != np.uint8 or scales.shape[-1] != w_q.shape[-1]
+                        or scales.shape[-2] * g != 2 * w_q.shape[-2]):
+                    raise ValueError(f"{path}: int4 w_q {w_q.dtype}{w_q.shape} / scales {scales.shape} / group {g} "
+                                     "do not match")
+                holder[parts[-1]] = Int4Weight(w_q, scales.astype(np.float32), g)
+        return out
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where}: corrupt quantized weights ({e}); convert the model again") from None
 
 
 def _check_shapes(where: str, config: ModelConfig, params: dict) -> None:
