@@ -83,8 +83,10 @@ class LLM:
 
                 params = quantize_for_engine(params, self.model_config, self.engine_config, self.tokenizer)
             t_load = time.monotonic()
+            from jaxserve.speculative import speculator_factory
+
             self.engine = LLMEngine(self.model_config, self.engine_config, params, self.tokenizer,
-                                    speculative=speculative)
+                                    speculator=speculator_factory(speculative))
             del params
         self.compile_seconds = self.engine.runner.compile_all()
         if self.engine.speculator is not None:  # verify (R, k + 1) programs, the draft's, measured step costs

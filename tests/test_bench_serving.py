@@ -1,20 +1,16 @@
-"""scripts/bench_serving.py: the workload generator, the metric functions and the measuring loop, on a tiny
+"""benchmarks/serving (scripts/bench_serving.py): the workload generator, the metric functions and the measuring loop, on a tiny
 random model (fast; no torch)."""
 
 import contextlib
 import dataclasses
 import math
-import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from benchmarks import serving as bs
 from tests.conftest import TINY_KW, get_llm
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import bench_serving as bs  # noqa: E402
 
 CORPUS = list(range(3, 500)) * 4  # token ids inside tiny-llama's 512-token vocabulary
 SPEC = bs.WorkloadSpec(num_requests=12, prompt_median=24, prompt_sigma=1.0, prompt_min=4, prompt_max=64,

@@ -110,6 +110,39 @@ def test_prefix_cache_hits_skip_prefill():
     assert eng.bm.stats()["prefix_hit_rate"] > 0.5
 
 
+def test_update_commits_tokens_reserves_lookahead_and_frees_finished():
+    """Scheduler.update on its own (no engine): tokens appended up to a stop token, KV counted per appended
+    token on a multi-token (verified) row, pages hashed and freed; decode rows get their lookahead slots."""
+    from jaxserve.engine.request import SampledToken, Sequence
+    from jaxserve.engine.scheduler import Scheduler
+
+    ecfg = EngineConfig(page_size=4, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                        max_prefill_seqs=4, num_pages=40)
+    sch = Scheduler(ecfg, 40, num_lookahead_slots=3)
+    seq = Sequence(1, "r", 0, list(range(3, 13)), SamplingParams(max_tokens=6, stop_token_ids=[99]), 0,
+                   Priority.INTERACTIVE, (), 128)
+    sch.add(seq)
+    tok = lambda t: SampledToken(t, -0.5, np.zeros(0, np.int64), np.zeros(0))  # noqa: E731
+    out = sch.schedule()
+    assert out.kind == "prefill" and out.rows[0].block_table == sch.bm.block_table(1)
+    upd = sch.update(out, [[tok(20)]], 1.0)
+    assert upd.num_tokens == 1 and not upd.finished
+    assert seq.output_token_ids == [20] and seq.num_computed_tokens == 10 and seq.metrics.first_token == 1.0
+    out = sch.schedule()
+    row = out.rows[0]
+    assert out.kind == "decode" and row.num_lookahead == 3
+    assert len(row.block_table) * 4 >= seq.num_tokens + 3  # the drafts' slots are already allocated
+    upd = sch.update(out, [[tok(21), tok(22)]], 2.0)  # one accepted draft + the correction
+    assert upd.num_tokens == 2 and seq.num_computed_tokens == 12 and seq.output_token_ids == [20, 21, 22]
+    out = sch.schedule()
+    assert out.rows[0].num_lookahead == 2  # never past max_tokens: 6 - 3 outputs - 1 bonus
+    upd = sch.update(out, [[tok(23), tok(99), tok(24)]], 3.0)  # a stop token inside the accepted run
+    assert upd.finished == [seq] and seq.finish_reason == "stop" and seq.stop_reason == 99
+    assert seq.output_token_ids == [20, 21, 22, 23, 99] and seq.num_computed_tokens == 14
+    assert not sch.has_work() and not sch.bm.has_seq(1) and sch.bm.stats()["used"] == 0
+    sch.bm.check_invariants()
+
+
 def test_long_prompt_never_stalls_decodes_more_than_one_chunk():
     eng, runner = make_engine(num_pages=200, max_num_batched_tokens=16)
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

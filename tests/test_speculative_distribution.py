@@ -16,6 +16,7 @@ from scipy import stats
 from jaxserve.config import PRESETS, EngineConfig
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.speculative import speculator_factory
 from jaxserve.speculative.proposers import ModelDraftProposer, Proposer
 from jaxserve.weights.random_init import random_params
 
@@ -41,7 +42,8 @@ def target_params():
 def engine(spec=None) -> LLMEngine:
     key = repr(spec)
     if key not in _ENGINES:
-        e = LLMEngine(CFG, EngineConfig(**ECFG), target_params(), tokenizer=None, speculative=spec)
+        e = LLMEngine(CFG, EngineConfig(**ECFG), target_params(), tokenizer=None,
+                      speculator=speculator_factory(spec))
         e.runner.compile_all()
         if e.speculator is not None:
             e.speculator.compile_all()

@@ -1,9 +1,10 @@
 """The engine loop: requests in, one scheduled step at a time, outputs out.
 
 `LLMEngine.add_request` validates and enqueues (a bad request raises a `jaxserve` error and touches nothing
-else); `step()` asks the scheduler for a batch, runs it on the device, appends sampled tokens, applies stop
-conditions and detokenizes incrementally, retires finished sequences (their pages are freed at once) and
-returns the requests whose output changed.
+else); `step()` is schedule -> execute -> update -> outputs: the scheduler picks a batch (pages allocated, block
+tables attached), the runner (or, for decode steps, the speculator) executes it, the scheduler's `update`
+commits the emitted tokens and finishes and frees sequences, with the engine's detokenizer and stop strings
+as its stop check, and the requests whose output changed are returned.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jaxserve.engine.request import Priority, Sequence, Status
+from jaxserve.engine.request import Priority, SampledToken, Sequence
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError
 from jaxserve.sampling_params import SamplingParams
@@ -60,8 +60,15 @@ class _Request:
 
 
 class LLMEngine:
+    """Args:
+        runner: the executor (default: a ModelRunner on `params`); anything with `execute(kind, rows, bucket)`
+            returning a StepResult-like (tokens, logprobs, top_ids, top_logprobs) tuple of numpy arrays.
+        speculator: None, or a factory `runner -> Speculator` (jaxserve.speculative.speculator_factory): the
+            speculator then runs every decode step, and the scheduler reserves its lookahead slots.
+    """
+
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, tokenizer,
-                 num_pages: Optional[int] = None, runner=None, speculative=None):
+                 num_pages: Optional[int] = None, runner=None, speculator=None):
         engine_cfg.validate(model_cfg)
         self.model_cfg = model_cfg
         self.cfg = engine_cfg
@@ -75,26 +82,26 @@ class LLMEngine:
             budget = engine_cfg.kv_cache_bytes or default_kv_budget_bytes(model_cfg, engine_cfg)
             num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget)
         self.num_pages = num_pages
-        salt = f"{model_cfg.name}|{engine_cfg.dtype}|{engine_cfg.kv_cache_dtype}".encode()
-        self.bm = BlockManager(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching, cache_salt=salt)
-        self.scheduler = Scheduler(engine_cfg, self.bm, mode=engine_cfg.scheduler)
         if runner is None:
             from jaxserve.engine.runner import ModelRunner
 
             runner = ModelRunner(model_cfg, engine_cfg, params, num_pages)
         self.runner = runner
         # Speculative decoding (jaxserve/speculative, docs/speculative.md): owns every decode step when set.
-        self.speculator = None
-        if speculative is not None:
-            from jaxserve.speculative import build_speculator
-
-            self.speculator = build_speculator(speculative, model_cfg, engine_cfg, runner, self.bm,
-                                               self.max_model_len)
+        self.speculator = speculator(runner) if speculator is not None else None
+        salt = f"{model_cfg.name}|{engine_cfg.dtype}|{engine_cfg.kv_cache_dtype}".encode()
+        self.scheduler = Scheduler(engine_cfg, num_pages, cache_salt=salt,
+                                   num_lookahead_slots=self.speculator.K if self.speculator is not None else 0)
         self.requests: dict = {}
         self.stats = EngineStats()
         self._seq_ids = itertools.count(1)
         self._req_ids = itertools.count()
         self._rng = random.Random(engine_cfg.seed)
+
+    @property
+    def bm(self):
+        """The scheduler's BlockManager (read here for metrics and tests)."""
+        return self.scheduler.bm
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: Union[str, list]) -> list:
@@ -157,8 +164,7 @@ class LLMEngine:
             return False
         self.scheduler.abort(request_id)
         for s in req.seqs:
-            if not s.finished:
-                self._finish(s, "abort")
+            s.finish("abort")
             if self.speculator is not None:
                 self.speculator.forget(s.seq_id)
         # No step reports an aborted request, so drop it here (a long-running server would leak it).
@@ -176,73 +182,47 @@ class LLMEngine:
         if out is None:
             return []
         t0 = time.monotonic()
-        for row in out.rows:
-            row.block_table = self.bm.block_table(row.seq.seq_id)
-        spec = None
-        if out.kind == "decode" and self.speculator is not None:
-            spec = self.speculator.execute(out.rows, out.bucket)  # per row: the emitted (token, logprob, ...)
-        else:
-            tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
+        emitted = self._execute(out)
         now = time.monotonic()
-        self.stats.busy_seconds += now - t0
-        self.stats.kind_seconds[out.kind] += now - t0
-        self.stats.kind_tokens[out.kind] += sum(r.num_new for r in out.rows)
-        self.stats.steps += 1
-        if out.kind == "prefill":
-            self.stats.prefill_steps += 1
-        else:
-            self.stats.decode_steps += 1
-        changed = {}
-        for i, row in enumerate(out.rows):
-            seq = row.seq
-            if spec is not None:  # accepted drafts + the bonus/correction; stop once the sequence finishes
-                n_app = 0
-                for tok, lp, t_ids, t_lps in spec[i]:
-                    if seq.finished:
-                        break
-                    self._append_token(seq, tok, lp, t_ids, t_lps, now)
-                    n_app += 1
-                seq.num_computed_tokens = row.start + n_app  # KV is verified up to the last emitted token
-            else:
-                seq.num_computed_tokens = row.start + row.num_new
-            if out.kind == "prefill":
-                self.stats.prompt_tokens_computed += row.num_new
-            if spec is None and row.samples:
-                self._append_token(seq, int(tokens[i]), float(lps[i]), top_ids[i], top_lps[i], now)
-            self.bm.commit_computed(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
-            if seq.finished:
-                self.scheduler.finish(seq)
-                if self.speculator is not None:
-                    self.speculator.forget(seq.seq_id)
-            changed[seq.request_id] = True
+        upd = self.scheduler.update(out, emitted, now, stop_check=self._detokenize)
+        self._record(out, upd, now - t0)
+        changed = dict.fromkeys(row.seq.request_id for row in out.rows)
         return [self._request_output(self.requests[rid]) for rid in changed if rid in self.requests]
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float, top_ids, top_lps, now: float) -> None:
-        seq.output_token_ids.append(token)
-        self.stats.generation_tokens += 1
-        if seq.metrics.first_token is None:
-            seq.metrics.first_token = now
-        seq.metrics.last_token = now
-        if seq.params.logprobs is not None:
-            entry = {int(t): float(l) for t, l in zip(top_ids[: seq.params.logprobs], top_lps[: seq.params.logprobs])}
-            entry[token] = logprob
-            seq.output_logprobs.append(entry)
-            seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + logprob
-        n_out = len(seq.output_token_ids)
-        if token in seq.stop_token_ids:  # the sampler bans them until min_tokens is met
-            stop_reason = None if token in self.model_cfg.eos_token_ids else token
-            self._finish(seq, "stop", stop_reason)
-            return
-        if seq.detokenizer is not None:
-            delta = seq.detokenizer.add(token)
-            if delta:
-                seq.output_text += delta
-                if seq.params.stop and self._check_stop_strings(seq, len(delta)):
-                    return
-        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
+    def _execute(self, out) -> list:
+        """Per row, the SampledTokens the step emitted (decode steps go to the speculator when there is one)."""
+        if out.kind == "decode" and self.speculator is not None:
+            return self.speculator.execute(out.rows, out.bucket)
+        tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
+        return [[SampledToken(int(tokens[i]), float(lps[i]), top_ids[i], top_lps[i])] if row.samples else []
+                for i, row in enumerate(out.rows)]
 
-    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
+    def _detokenize(self, seq: Sequence, token: int):
+        """The scheduler's stop check: extend the text; the stop string that ended it, or None."""
+        if seq.detokenizer is None:
+            return None
+        delta = seq.detokenizer.add(token)
+        if not delta:
+            return None
+        seq.output_text += delta
+        return self._check_stop_strings(seq, len(delta)) if seq.params.stop else None
+
+    def _record(self, out, upd, seconds: float) -> None:
+        st = self.stats
+        st.busy_seconds += seconds
+        st.kind_seconds[out.kind] += seconds
+        st.kind_tokens[out.kind] += sum(r.num_new for r in out.rows)
+        st.steps += 1
+        if out.kind == "prefill":
+            st.prefill_steps += 1
+            st.prompt_tokens_computed += sum(r.num_new for r in out.rows)
+        else:
+            st.decode_steps += 1
+        st.generation_tokens += upd.num_tokens
+        for seq in upd.finished:
+            self._finished(seq)
+
+    def _check_stop_strings(self, seq: Sequence, delta_len: int):
         text = seq.output_text
         best = None
         for stop in seq.params.stop:
@@ -250,26 +230,21 @@ class LLMEngine:
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, stop)
         if best is None:
-            return False
+            return None
         idx, stop = best
         seq.output_text = text[: idx + (len(stop) if seq.params.include_stop_str_in_output else 0)]
-        self._finish(seq, "stop", stop)
-        return True
+        return stop
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        if seq.finished:
-            return
-        seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
-        seq.metrics.finished = time.monotonic()
-        if reason != "abort":
-            self.stats.requests_finished += 1
-            if seq.metrics.ttft is not None:
-                self.stats.ttfts.append(seq.metrics.ttft)
-            tpot = seq.metrics.tpot(len(seq.output_token_ids))
-            if tpot is not None:
-                self.stats.tpots.append(tpot)
+    def _finished(self, seq: Sequence) -> None:
+        """Count a sequence that finished (not aborted) and let the speculator forget it."""
+        self.stats.requests_finished += 1
+        if seq.metrics.ttft is not None:
+            self.stats.ttfts.append(seq.metrics.ttft)
+        tpot = seq.metrics.tpot(len(seq.output_token_ids))
+        if tpot is not None:
+            self.stats.tpots.append(tpot)
+        if self.speculator is not None:
+            self.speculator.forget(seq.seq_id)
 
     # ------------------------------------------------------------------ outputs
     def _visible_text(self, seq: Sequence) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from jaxserve.sampling_params import SamplingParams
 
@@ -60,6 +60,15 @@ class SeqMetrics:
         return (self.last_token - self.first_token) / (num_output_tokens - 1)
 
 
+class SampledToken(NamedTuple):
+    """One token a step emitted for a row: the id, its logprob and the top-n (ids, logprobs) beside it."""
+
+    token: int
+    logprob: float
+    top_ids: object  # int array [n]
+    top_logprobs: object  # float array [n]
+
+
 class Sequence:
     """One generated sample: prompt ids, output ids so far, and how many of them have KV in the cache."""
 
@@ -82,6 +91,8 @@ class Sequence:
         self.output_text = ""
         self.detokenizer = None
         self.metrics = SeqMetrics()
+        self.eos_token_ids = tuple(eos_ids)
+        self.max_len = max_len  # the engine's context, tokens
         stop_ids = set() if params.ignore_eos else set(eos_ids)
         self.stop_token_ids = stop_ids | set(params.stop_token_ids)
         budget = max_len - len(self.prompt_token_ids)
@@ -107,6 +118,28 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def append_token(self, t: SampledToken, now: float) -> None:
+        """The one place an output token joins the sequence (with its logprobs and the token timestamps)."""
+        self.output_token_ids.append(t.token)
+        if self.metrics.first_token is None:
+            self.metrics.first_token = now
+        self.metrics.last_token = now
+        n = self.params.logprobs
+        if n is not None:
+            entry = {int(i): float(l) for i, l in zip(t.top_ids[:n], t.top_logprobs[:n])}
+            entry[t.token] = t.logprob
+            self.output_logprobs.append(entry)
+            self.cumulative_logprob = (self.cumulative_logprob or 0.0) + t.logprob
+
+    def finish(self, reason: str, stop_reason=None) -> None:
+        """Mark finished ("stop" | "length" | "abort"); a second call changes nothing."""
+        if self.finished:
+            return
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.metrics.finished = time.monotonic()
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, {self.status.value}, "

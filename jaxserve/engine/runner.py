@@ -1,7 +1,11 @@
 """The model runner: owns the device state (params, KV pages) and the ahead-of-time compiled step programs.
 
-Every program is one `(R, Q)` bucket of `forward_step` + on-device sampling, compiled at start-up (in parallel
-threads; XLA compiles release the GIL) and loaded from JAX's persistent compilation cache on later starts.
+The executor contract: `compile(step_fn, buckets)` compiles a step function (`sample_step`, the engine's;
+`greedy_step`, a draft model's; or one built from `forward` + `sample`, like the verify step) for every `(R, Q)`
+bucket ahead of time, and `run(programs, bucket, inputs, sampling, num_rows)` runs one and returns a
+`StepResult` (numpy, per row). `execute(kind, rows, bucket)` is that for the scheduler's rows on the engine's
+own programs (`compile_all`). Programs compile at start-up (in parallel threads; XLA compiles release the GIL)
+and load from JAX's persistent compilation cache on later starts.
 The KV pages are donated to each call, so the cache is updated in place. A compile counter turns any
 compilation after warm-up into an error (or a warning), the way vLLM-TPU's ForbidCompile does.
 """
@@ -13,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 from jax._src import config as jax_config  # thread-local override of the cache threshold
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.engine.sampler import SamplingTensors, sample
+from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample
 from jaxserve.engine.sampling_inputs import build_sampling_arrays
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.kv_cache import init_kv_cache
@@ -29,6 +33,29 @@ from jaxserve.models.transformer import StepInputs, forward_step, pack_bf16_laye
 from jaxserve.weights.quantize import ensure_quantized, to_device
 
 log = logging.getLogger("jaxserve")
+
+
+class StepResult(NamedTuple):
+    """One step's results for its real rows (numpy): row i's sampled token, its logprob and the top-n ids and
+    logprobs (top_ids[i, :n]; -1 padded). A step that samples every position (`compile(...,
+    sampled_positions=True)`) has a position axis after the row axis: tokens[i, j] is position j's draw."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+class SamplingRow(NamedTuple):
+    """What the sampler needs of one row: params, token history (penalties; [] when no row uses them), where
+    the output starts in it, the output index being sampled (the RNG step), seed, and the ids banned now."""
+
+    params: object
+    history: list
+    output_start: int
+    step: int
+    seed: int
+    banned: list
 
 # ------------------------------------------------------------------------------------------------
 # Compilation accounting and the persistent cache
@@ -188,27 +215,59 @@ class ModelRunner:
         self._warm_count: Optional[int] = None
         self._empty_history = {}
 
-    # -------------------------------------------------------------- programs
-    def _step(self, params, kv, inp: StepInputs, st: SamplingTensors):
+    # -------------------------------------------------------------- step functions
+    def forward(self, params, kv, inp: StepInputs, all_logits: bool = False):
+        """The model over one step's inputs: (logits f32[R, V] of each row's last new token, or [R, Q, V] of
+        every position with `all_logits`, updated kv). For step functions traced by `compile`."""
+        if all_logits:  # (verify steps; the pipeline's forward has no all-positions variant)
+            return forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
+                                block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                                batch_invariant=self.cfg.batch_invariant, all_logits=True)
         forward = forward_step if self.placement is None or self.placement.forward is None else self.placement.forward
-        logits, kv = forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
-                                  block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                  batch_invariant=self.cfg.batch_invariant)
+        return forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
+                       block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                       batch_invariant=self.cfg.batch_invariant)
+
+    def sample(self, logits, st: SamplingTensors) -> SampleResult:
+        """The engine's sampler over rows of logits f32[N, V] (N = the sampling tensors' rows)."""
         # Batch-invariant mode samples row by row: the sampler's [rows, vocab] reductions (log-softmax over a
         # 262k vocabulary) are summed in an order that depends on the row count on XLA:CPU.
         row_chunk = 1 if self.cfg.batch_invariant else None
-        return sample(logits, st, self.max_logprobs, row_chunk=row_chunk), kv
+        return sample(logits, st, self.max_logprobs, row_chunk=row_chunk)
 
-    def _abstract_inputs(self, R: int, Q: int):
+    def sample_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
+        """The engine's step: forward + on-device sampling of each row's next token."""
+        logits, kv = self.forward(params, kv, inp)
+        return self.sample(logits, st), kv
+
+    _step = sample_step  # (tests/mesh_export.py, tests/test_bf16.py)
+
+    def greedy_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
+        """An argmax instead of the full sampler (a fraction of the compile time); `st` is ignored, no logprobs.
+        A draft model's step."""
+        from jaxserve.engine.sampler import _argmax
+
+        logits, kv = self.forward(params, kv, inp)
+        R = logits.shape[0]
+        return SampleResult(_argmax(logits)[0].astype(jnp.int32), jnp.zeros((R,), jnp.float32), jnp.zeros((R, 0), jnp.int32),
+                            jnp.zeros((R, 0), jnp.float32)), kv
+
+    # -------------------------------------------------------------- programs
+    def abstract_inputs(self, R: int, Q: int, sampled_rows: Optional[int] = None):
+        """Shapes of an (R, Q) step's (StepInputs, SamplingTensors); the sampler sees `sampled_rows` rows
+        (default R; R * Q for a step that samples every position)."""
         i32 = jnp.int32
         S = jax.ShapeDtypeStruct
         inp = StepInputs(S((R, Q), i32), S((R, Q), i32), S((R,), i32), S((R,), i32), S((R, self.P), i32),
                          S((R, Q), i32))
-        arrays = build_sampling_arrays([], [], [], [], [], [], R, self.H, self.NB)
-        st = SamplingTensors(**{k: S(v.shape, v.dtype) for k, v in arrays.items()})
-        return inp, st
+        arrays = build_sampling_arrays([], [], [], [], [], [], R if sampled_rows is None else sampled_rows, self.H,
+                                       self.NB)
+        return inp, SamplingTensors(**{k: S(v.shape, v.dtype) for k, v in arrays.items()})
+
+    _abstract_inputs = abstract_inputs  # (tests/mesh_export.py, tests/test_bf16.py)
 
     def buckets(self) -> list:
+        """The engine's (R, Q) step shapes: the decode ladder as (R, 1), then the prefill ladder."""
         return [(r, 1) for r in self.cfg.decode_buckets()] + list(self.cfg.prefill_buckets())
 
     def jit_step(self, step_fn):
@@ -222,50 +281,62 @@ class ModelRunner:
         """Host step inputs as a program takes them: as they are on one device, replicated global arrays on a mesh."""
         return inputs if self.placement is None else self.placement.put_inputs(inputs)
 
-    def compile_all(self, progress=None) -> float:
-        """Compile every bucket ahead of time. Returns seconds spent."""
-        t0 = time.monotonic()
-        fn = self.jit_step(self._step)
+    def compile(self, step_fn, buckets, sampled_positions: bool = False, progress=None) -> dict:
+        """Compile `step_fn(params, kv, StepInputs, SamplingTensors) -> (result, kv)` for every (R, Q) bucket
+        ahead of time (in parallel threads; each program goes to the persistent cache when enabled, however
+        fast it compiled). `sampled_positions`: the sampler gets R * Q rows (one per position) instead of R.
+        Returns {bucket: program} for `run`."""
+        fn = self.jit_step(step_fn)
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
 
         def build(bucket):
-            inp, st = self._abstract_inputs(*bucket)
-            # Every engine program goes to the persistent cache (when enabled), however fast it compiled.
+            R, Q = bucket
+            inp, st = self.abstract_inputs(R, Q, R * Q if sampled_positions else R)
             with jax_config.persistent_cache_min_compile_time_secs(0.0):
                 return bucket, fn.lower(p_abs, kv_abs, inp, st).compile()
 
-        todo = [b for b in self.buckets() if b not in self._programs]
-        workers = max(1, min(self.cfg.compile_workers, len(todo)))
+        buckets = list(buckets)
+        programs = {}
+        workers = max(1, min(self.cfg.compile_workers, len(buckets)))
         with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-            for bucket, prog in ex.map(build, todo):
-                self._programs[bucket] = prog
+            for bucket, prog in ex.map(build, buckets):
+                programs[bucket] = prog
                 if progress is not None:
                     progress(bucket)
+        return programs
+
+    def compile_all(self, progress=None) -> float:
+        """Compile the engine's step (`sample_step`) for every bucket ahead of time. Returns seconds spent."""
+        t0 = time.monotonic()
+        todo = [b for b in self.buckets() if b not in self._programs]
+        self._programs.update(self.compile(self.sample_step, todo, progress=progress))
         self._warm_count = compile_count()
         return time.monotonic() - t0
 
     # -------------------------------------------------------------- one step
-    def execute(self, kind: str, rows: list, bucket: tuple):
-        """Run one scheduled step. `rows` are ScheduledRow-like (seq, start, num_new).
-
-        Returns numpy (tokens [n], logprob [n], top_ids [n, K], top_logprobs [n, K]) for the real rows.
-        """
-        R, Q = bucket
-        n = len(rows)
-        inp = self.step_inputs(R, Q, [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start,
-                                       row.block_table) for row in rows])
-        st = self._sampling_arrays(rows, R)
-        prog = self._programs.get(bucket)
+    def run(self, programs: dict, bucket: tuple, inputs: StepInputs, sampling: SamplingTensors,
+            num_rows: int) -> StepResult:
+        """Run the compiled program of `bucket` (from `compile`) on host inputs, KV updated in place. Returns
+        the first `num_rows` rows' results as numpy. Raises CompileWhileServingError if anything compiles."""
+        prog = programs.get(bucket)
         if prog is None:
-            raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(self._programs)}")
-        inputs = self.place_inputs((inp, SamplingTensors(**st)))
+            raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(programs)}")
+        placed = self.place_inputs((inputs, sampling))
         before = compile_count()
-        res, self.kv = prog(self.params, self.kv, *inputs)
+        res, self.kv = prog(self.params, self.kv, *placed)
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")
-        return tuple(a[:n] for a in out)
+        return StepResult(*(a[:num_rows] for a in out))
+
+    def execute(self, kind: str, rows: list, bucket: tuple) -> StepResult:
+        """Run one scheduled step of the engine's programs. `rows` are ScheduledRows (seq, start, num_new,
+        block_table); `kind` ("prefill" | "decode") is the bucket's ladder, for fakes that check it."""
+        R, Q = bucket
+        inp = self.step_inputs(R, Q, [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start,
+                                       row.block_table) for row in rows])
+        return self.run(self._programs, bucket, inp, self._sampling_arrays(rows, R), len(rows))
 
     def step_inputs(self, R: int, Q: int, entries) -> StepInputs:
         """Host arrays of one (R, Q) step. `entries`: per real row, (token ids of its new positions, position of
@@ -288,18 +359,28 @@ class ModelRunner:
             slots[i, :m] = block_tables[i][pos // ps] * ps + pos % ps
         return StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots)
 
-    def _sampling_arrays(self, rows: list, R: int) -> dict:
-        params, hist, out_start, steps, seeds, banned = [], [], [], [], [], []
+    def sampling_inputs(self, entries, R: int) -> SamplingTensors:
+        """Host sampling arrays of R rows. `entries`: per real row, a SamplingRow (params, token history for
+        penalties, where the output starts in it, output index being sampled, seed, banned ids); padding rows
+        are greedy."""
+        cols = list(zip(*entries)) if entries else [[]] * 6
+        return SamplingTensors(**build_sampling_arrays(*cols, R, self.H, self.NB))
+
+    def _sampling_arrays(self, rows: list, R: int) -> SamplingTensors:
         need_hist = any(r.seq.params.uses_history for r in rows)
+        entries = []
         for r in rows:
             s = r.seq
-            params.append(s.params)
-            hist.append(s.all_token_ids[: r.start + r.num_new] if need_hist else [])
-            out_start.append(len(s.prompt_token_ids))
-            steps.append(len(s.output_token_ids))
-            seeds.append(s.seed)
-            banned.append(sorted(s.stop_token_ids) if len(s.output_token_ids) < s.params.min_tokens else [])
-        return build_sampling_arrays(params, hist, out_start, steps, seeds, banned, R, self.H, self.NB)
+            entries.append(SamplingRow(
+                s.params, s.all_token_ids[: r.start + r.num_new] if need_hist else [], len(s.prompt_token_ids),
+                len(s.output_token_ids), s.seed,
+                sorted(s.stop_token_ids) if len(s.output_token_ids) < s.params.min_tokens else []))
+        return self.sampling_inputs(entries, R)
+
+    @property
+    def programs(self) -> dict:
+        """The engine's compiled programs, {(R, Q): program} (`compile_all`), for `run`."""
+        return self._programs
 
     def compiled_buckets(self) -> list:
         return sorted(self._programs)

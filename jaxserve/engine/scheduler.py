@@ -7,6 +7,11 @@ chunk. Admission follows priority (interactive before batch; batch ages so it ne
 KV page budget and `max_num_seqs`. When pages run out, the lowest-priority, newest sequence is preempted
 (its pages freed, recomputed later from its prompt + output so far).
 
+The scheduler owns the `BlockManager`: it allocates pages when it schedules (a decode row of a speculative
+engine also gets `num_lookahead_slots` extra slots for the drafts a verify step writes) and attaches each row's
+block table; after the step, `update` commits the emitted tokens to their sequences, registers the computed
+pages in the prefix cache, finishes sequences (stop tokens, length) and frees their pages.
+
 `mode="static"` is the classic baseline: admit a batch only when nothing is running, run it to completion.
 Like a static-batching engine's fixed batch tensor (HF `generate`), the batch keeps its decode bucket until its
 last sequence finishes: finished rows are padding, their slots are not reused.
@@ -16,8 +21,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.request import Priority, Sequence, Status
 
 
@@ -26,7 +32,8 @@ class ScheduledRow:
     seq: Sequence
     start: int  # tokens already in the cache before this step
     num_new: int  # tokens computed this step
-    block_table: list = field(default_factory=list)  # filled by the engine just before the step runs
+    block_table: list = field(default_factory=list)  # the sequence's pages, attached when scheduled
+    num_lookahead: int = 0  # extra KV slots reserved past its tokens: drafts a verify step may check
 
     @property
     def samples(self) -> bool:
@@ -42,6 +49,14 @@ class SchedulerOutput:
     preempted: list = field(default_factory=list)
 
 
+@dataclass
+class StepUpdate:
+    """What `Scheduler.update` committed: output tokens appended, and the sequences that finished."""
+
+    num_tokens: int = 0
+    finished: list = field(default_factory=list)
+
+
 def bucket_for(ladder, n):
     """The smallest bucket of a sorted ladder that holds `n` (None if none does)."""
     for v in ladder:
@@ -51,10 +66,21 @@ def bucket_for(ladder, n):
 
 
 class Scheduler:
-    def __init__(self, engine_cfg, block_manager, mode: str = "continuous", batch_aging_s: float = 30.0):
+    """Args:
+        engine_cfg: the EngineConfig (ladders, budgets, page size, prefix caching).
+        num_pages: KV pages in the cache, the null page included.
+        mode: "continuous" or "static" (default: `engine_cfg.scheduler`).
+        cache_salt: bytes mixed into every prefix-cache page hash (see BlockManager).
+        num_lookahead_slots: KV slots reserved past each decode row's tokens (a speculative engine's k).
+    """
+
+    def __init__(self, engine_cfg, num_pages: int, mode: Optional[str] = None, batch_aging_s: float = 30.0,
+                 cache_salt: bytes = b"", num_lookahead_slots: int = 0):
         self.cfg = engine_cfg
-        self.bm = block_manager
-        self.mode = mode
+        self.bm = BlockManager(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching,
+                               cache_salt=cache_salt)
+        self.mode = engine_cfg.scheduler if mode is None else mode
+        self.num_lookahead_slots = num_lookahead_slots
         self.batch_aging_s = batch_aging_s
         self.waiting: list = []
         self.running: list = []
@@ -86,9 +112,6 @@ class Scheduler:
         for s in hit:
             self._remove(s)
         return hit
-
-    def finish(self, seq: Sequence) -> None:
-        self._remove(seq)
 
     def _remove(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -149,7 +172,21 @@ class Scheduler:
         if out is not None:
             out.preempted = preempted
             self._last_kind = out.kind
+            if out.kind == "decode" and self.num_lookahead_slots:
+                self._reserve_lookahead(out.rows)
+            for row in out.rows:
+                row.block_table = self.bm.block_table(row.seq.seq_id)
         return out
+
+    def _reserve_lookahead(self, rows: list) -> None:
+        """Slots for the drafts a verify step writes past each row's last token: never past the row's
+        max_tokens (its last emitted token is the bonus/correction), and never at another sequence's expense
+        (a row whose slots do not fit verifies no drafts this step)."""
+        for row in rows:
+            s = row.seq
+            k = min(self.num_lookahead_slots, s.max_tokens - len(s.output_token_ids) - 1)
+            if k > 0 and self.bm.ensure_capacity(s.seq_id, s.num_tokens + k):
+                row.num_lookahead = k
 
     def _admit(self, seq: Sequence) -> None:
         cached = self.bm.allocate_prompt(seq.seq_id, seq.all_token_ids)
@@ -250,3 +287,48 @@ class Scheduler:
         if self.mode == "static":  # the batch holds its slots until its last sequence finishes
             width = min(max(width, self._static_batch), self.decode_ladder[-1])
         return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1))
+
+    # ---------------------------------------------------------------- after the step
+    def update(self, out: SchedulerOutput, emitted: list, now: float,
+               stop_check: Optional[Callable[[Sequence, int], object]] = None) -> StepUpdate:
+        """Commit a step's results. `emitted[i]`: the SampledTokens row i produced, in order (none for a prefill
+        chunk short of the prompt's end, one for a sampled row, the accepted drafts + the bonus/correction for
+        a verified row). Appends them to the sequence until it finishes (a stop token, `stop_check`, max_tokens
+        or the context), advances `num_computed_tokens`, registers full computed pages in the prefix cache,
+        and removes finished sequences (their pages freed).
+
+        `stop_check(seq, token)` runs after each appended token that is not a stop token (the engine's
+        detokenizer and stop strings); a non-None return (the stop string) finishes the sequence there.
+        """
+        res = StepUpdate()
+        for row, toks in zip(out.rows, emitted):
+            seq = row.seq
+            n = 0
+            for t in toks:
+                if seq.finished:
+                    break
+                seq.append_token(t, now)
+                n += 1
+                self._check_finished(seq, t.token, stop_check)
+            res.num_tokens += n
+            # A row's KV covers its scheduled tokens; a verify step's, the last known token and the accepted
+            # drafts, i.e. one position per appended token (rejected drafts' slots are simply rewritten later).
+            seq.num_computed_tokens = row.start + max(row.num_new, n)
+            self.bm.commit_computed(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+            if seq.finished:
+                self._remove(seq)
+                res.finished.append(seq)
+        return res
+
+    @staticmethod
+    def _check_finished(seq: Sequence, token: int, stop_check) -> None:
+        if token in seq.stop_token_ids:  # the sampler bans them until min_tokens is met
+            seq.finish("stop", None if token in seq.eos_token_ids else token)
+            return
+        if stop_check is not None:
+            stop = stop_check(seq, token)
+            if stop is not None:
+                seq.finish("stop", stop)
+                return
+        if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= seq.max_len:
+            seq.finish("length")

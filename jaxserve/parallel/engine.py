@@ -36,6 +36,7 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
 
     from jaxserve.engine.engine import LLMEngine
     from jaxserve.engine.runner import ModelRunner
+    from jaxserve.speculative import speculator_factory
     from jaxserve.parallel.mesh import check_model_fits_mesh, make_mesh, replica_meshes, resolve_mesh_spec
     from jaxserve.parallel.placement import Placement
     from jaxserve.weights.checkpoint import is_converted
@@ -104,7 +105,7 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
             params = host_params
         runner = ModelRunner(model_cfg, engine_cfg, params, num_pages, placement=placement)
         engines.append(LLMEngine(model_cfg, engine_cfg, None, tokenizer, num_pages=num_pages, runner=runner,
-                                 speculative=speculative))
+                                 speculator=speculator_factory(speculative)))
         del params
     del host_params
     load_seconds = time.monotonic() - t0

@@ -3,6 +3,6 @@ in one (R, k + 1) target step, and an adaptive controller that switches speculat
 See docs/speculative.md."""
 
 from jaxserve.speculative.config import SpeculativeConfig
-from jaxserve.speculative.verify import Speculator, build_speculator
+from jaxserve.speculative.verify import Speculator, build_speculator, speculator_factory
 
-__all__ = ["SpeculativeConfig", "Speculator", "build_speculator"]
+__all__ = ["SpeculativeConfig", "Speculator", "build_speculator", "speculator_factory"]

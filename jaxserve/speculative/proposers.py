@@ -3,7 +3,7 @@
 * `NgramProposer` - prompt lookup (no model): the tokens that followed the most recent earlier occurrence of
   the sequence's last n tokens (longest n first).
 * `ModelDraftProposer` - a smaller model with the target's vocabulary, run greedily by the engine's own
-  machinery: a `ModelRunner` with its own paged KV cache of the same page count and page size, indexed by the
+  machinery: a `ModelRunner` (its programs: `greedy_step` over its own buckets) with its own paged KV cache of the same page count and page size, indexed by the
   *target's* block tables (a token's draft KV lives at the same slot as its target KV, so no second block
   manager is needed). `self_draft_model` builds the single-checkpoint variant: the target's first N layers +
   final norm + (tied) LM head, sharing the target's parameter arrays.
@@ -15,7 +15,6 @@ Draft KV only ever affects acceptance, never what the target emits, so it may la
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Optional
 
@@ -23,7 +22,6 @@ import numpy as np
 
 from jaxserve.engine.scheduler import bucket_for
 from jaxserve.errors import InvalidConfigError
-from jaxserve.sampling_params import SamplingParams
 
 
 class Proposer:
@@ -104,31 +102,6 @@ class NgramProposer(Proposer):
 # ------------------------------------------------------------------------------------------------
 
 
-_GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
-
-
-class _DraftView:
-    """What ModelRunner.execute reads from a sequence, with the drafted tokens appended and greedy sampling."""
-
-    __slots__ = ("all_token_ids", "prompt_token_ids", "output_token_ids", "params", "seed", "stop_token_ids")
-
-    def __init__(self, tokens: list):
-        self.all_token_ids = tokens
-        self.prompt_token_ids = tokens
-        self.output_token_ids = []
-        self.params = _GREEDY
-        self.seed = 0
-        self.stop_token_ids = set()
-
-
-@dataclasses.dataclass
-class _Row:
-    seq: _DraftView
-    start: int
-    num_new: int
-    block_table: list
-
-
 def self_draft_model(model_cfg, params, num_layers: Optional[int]):
     """(config, params) of the target's first `num_layers` layers + final norm + LM head; the embedding, norm and
     head arrays are the target's own (no copy), the layer slices are small."""
@@ -156,27 +129,10 @@ class ModelDraftProposer(Proposer):
         self.max_k = max_k
         decode = engine_cfg.decode_buckets()
         prefill = engine_cfg.prefill_buckets()
-
-        class _DraftRunner(ModelRunner):
-            def buckets(self):
-                return [(r, 1) for r in decode] + [(r, 2) for r in decode] + list(prefill)
-
-            def _step(self, params, kv, inp, st):
-                # Drafts are greedy: an argmax instead of the full sampler (a fraction of the compile time).
-                import jax.numpy as jnp
-
-                from jaxserve.engine.sampler import SampleResult, _argmax
-                from jaxserve.models.transformer import forward_step
-
-                logits, kv = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
-                                          block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                          batch_invariant=self.cfg.batch_invariant)
-                R = logits.shape[0]
-                tok = _argmax(logits)[0].astype(jnp.int32)
-                return SampleResult(tok, jnp.zeros((R,), jnp.float32), jnp.zeros((R, 0), jnp.int32),
-                                    jnp.zeros((R, 0), jnp.float32)), kv
-
-        self.runner = _DraftRunner(draft_cfg, engine_cfg, draft_params, num_pages)
+        self.runner = ModelRunner(draft_cfg, engine_cfg, draft_params, num_pages)
+        # its programs: greedy steps over the decode ladder as (R, 1) and (R, 2) and the prefill ladder
+        self.buckets = [(r, 1) for r in decode] + [(r, 2) for r in decode] + list(prefill)
+        self._programs: dict = {}
         self.decode_ladder = decode
         self.prefill_ladder = sorted(prefill, key=lambda rq: (rq[1], rq[0]))
         self.q_ladder = sorted({q for _, q in prefill})
@@ -188,7 +144,10 @@ class ModelDraftProposer(Proposer):
         return self._t / self._n if self._n else 0.0
 
     def compile_all(self) -> float:
-        return self.runner.compile_all()
+        t0 = time.monotonic()
+        todo = [b for b in self.buckets if b not in self._programs]
+        self._programs.update(self.runner.compile(self.runner.greedy_step, todo))
+        return time.monotonic() - t0
 
     def forget(self, seq_id: int) -> None:
         self._computed.pop(seq_id, None)
@@ -200,9 +159,11 @@ class ModelDraftProposer(Proposer):
         return min(dc, seq.num_computed_tokens)
 
     def _run(self, rows: list, Q: int) -> list:
+        """One greedy draft step; `rows`: (token ids of the new positions, position of the first, block table)."""
         R = bucket_for(self.decode_ladder if Q <= 2 else [r for r, q in self.prefill_ladder if q == Q], len(rows))
-        toks, _, _, _ = self.runner.execute("draft", rows, (R, Q))
-        return [int(t) for t in toks]
+        r = self.runner
+        res = r.run(self._programs, (R, Q), r.step_inputs(R, Q, rows), r.sampling_inputs([], R), len(rows))
+        return [int(t) for t in res.tokens]
 
     def _sync(self, seqs, block_tables) -> None:
         """Catch the draft cache up to all but the last two known tokens (prefill chunks), so each row's first
@@ -221,10 +182,10 @@ class ModelDraftProposer(Proposer):
             rows = []
             for s, bt, dc in todo[:max_r]:
                 n = min(s.num_tokens - 2 - dc, Q)
-                rows.append(_Row(_DraftView(s.all_token_ids), dc, n, bt))
+                rows.append((s.all_token_ids[dc:dc + n], dc, bt))
             self._run(rows, Q)
-            for (s, _, dc), r in zip(todo[:max_r], rows):
-                self._computed[s.seq_id] = (dc + r.num_new, s.metrics.num_preemptions)
+            for (s, _, dc), (toks, _, _) in zip(todo[:max_r], rows):
+                self._computed[s.seq_id] = (dc + len(toks), s.metrics.num_preemptions)
 
     def propose(self, seqs, max_lens, block_tables):
         out = [[] for _ in seqs]
@@ -233,21 +194,20 @@ class ModelDraftProposer(Proposer):
             return out
         t0 = time.perf_counter()
         self._sync([seqs[i] for i in live], [block_tables[i] for i in live])
-        views = {i: _DraftView(list(seqs[i].all_token_ids)) for i in live}
+        tokens = {i: list(seqs[i].all_token_ids) for i in live}  # known tokens + the drafts so far
         k_max = max(max_lens[i] for i in live)
         steps = 0
         for j in range(k_max):
             act = [i for i in live if max_lens[i] > j]
             rows = []
             for i in act:
-                v = views[i]
-                n = len(v.all_token_ids)
+                n = len(tokens[i])
                 start = self._dc(seqs[i]) if j == 0 else n - 1
-                rows.append(_Row(v, start, n - start, block_tables[i]))
+                rows.append((tokens[i][start:], start, block_tables[i]))
             toks = self._run(rows, 2 if j == 0 else 1)
             steps += 1
             for i, t in zip(act, toks):
-                views[i].all_token_ids.append(t)
+                tokens[i].append(t)
                 out[i].append(t)
         self._t = 0.9 * self._t + (time.perf_counter() - t0)
         self._n = 0.9 * self._n + steps

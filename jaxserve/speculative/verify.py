@@ -23,20 +23,14 @@ KV of rejected positions: their slots are simply overwritten later (attention ne
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax._src import config as jax_config
 
-from jaxserve.engine.runner import compile_count
-from jaxserve.engine.sampler import SamplingTensors, sample
-from jaxserve.engine.sampling_inputs import build_sampling_arrays
-from jaxserve.errors import CompileWhileServingError, InvalidConfigError
-from jaxserve.models.transformer import StepInputs, forward_step
+from jaxserve.engine.request import SampledToken
+from jaxserve.engine.runner import SamplingRow
+from jaxserve.errors import InvalidConfigError
 from jaxserve.speculative.adaptive import AdaptiveController
 from jaxserve.speculative.config import SpeculativeConfig
 from jaxserve.speculative.proposers import NgramProposer, Proposer
@@ -45,21 +39,20 @@ log = logging.getLogger("jaxserve")
 
 
 class Speculator:
-    """Owns every decode step of an engine built with `speculative=...`: asks the adaptive controller for k per
-    row, the proposer for drafts, runs one verify program (or the plain decode program when no row drafts) and
-    returns the tokens each row emits."""
+    """Owns every decode step of an engine built with a speculator: asks the adaptive controller for k per row
+    (at most the lookahead slots the scheduler reserved for it), the proposer for drafts, runs one verify
+    program on the target's runner (or the plain decode program when no row drafts) and returns the tokens each
+    row emits."""
 
-    def __init__(self, spec: SpeculativeConfig, runner, block_manager, max_model_len: int, proposer: Proposer):
+    def __init__(self, spec: SpeculativeConfig, runner, proposer: Proposer):
         self.spec = spec
         self.runner = runner
-        self.bm = block_manager
-        self.max_model_len = max_model_len
-        self.K = spec.num_tokens
+        self.K = spec.num_tokens  # the scheduler reserves this many lookahead slots per decode row
         self.Q = self.K + 1
         self.proposer = proposer
         self.ctl = AdaptiveController(self.K, enabled=spec.adaptive, min_speedup=spec.min_speedup)
         self.decode_ladder = runner.cfg.decode_buckets()
-        self._programs: dict = {}
+        self._programs: dict = {}  # (R, K + 1) -> the verify program
         # metrics
         self.proposed = 0
         self.accepted = 0
@@ -70,38 +63,19 @@ class Speculator:
         self.accept_hist = [0] * (self.K + 1)  # row-steps by number of accepted drafts
 
     # -------------------------------------------------------------- programs
-    def _verify_fn(self, params, kv, inp: StepInputs, st: SamplingTensors):
-        r = self.runner
-        logits, kv = forward_step(r.model_cfg, params, kv, inp, page_size=r.page_size,
-                                  block_pages=r.cfg.attn_block_pages, attention_fn=r.attention_fn,
-                                  batch_invariant=r.cfg.batch_invariant, all_logits=True)
+    def _verify_step(self, params, kv, inp, st):
+        """Logits at every position, each sampled by the engine's sampler (R * Q sampling rows)."""
+        logits, kv = self.runner.forward(params, kv, inp, all_logits=True)
         R, Q, V = logits.shape
-        res = sample(logits.reshape(R * Q, V), st, r.max_logprobs, row_chunk=1 if r.cfg.batch_invariant else None)
+        res = self.runner.sample(logits.reshape(R * Q, V), st)
         return jax.tree.map(lambda a: a.reshape((R, Q) + a.shape[1:]), res), kv
-
-    def _abstract(self, R: int):
-        inp, _ = self.runner._abstract_inputs(R, self.Q)
-        _, st = self.runner._abstract_inputs(R * self.Q, 1)
-        return inp, st
 
     def compile_all(self) -> float:
         """Compile the (R, K + 1) verify programs (and the proposer's), then time them against the decode
         programs so the adaptive controller starts from measured costs. Seconds spent."""
         t0 = time.monotonic()
-        r = self.runner
-        fn = r.jit_step(self._verify_fn)  # on a tensor-parallel mesh: the runner's shardings
-        p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.params)
-        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), r.kv)
-
-        def build(R):
-            inp, st = self._abstract(R)
-            with jax_config.persistent_cache_min_compile_time_secs(0.0):
-                return R, fn.lower(p_abs, kv_abs, inp, st).compile()
-
-        todo = [R for R in self.decode_ladder if R not in self._programs]
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(r.cfg.compile_workers, len(todo) or 1))) as ex:
-            for R, prog in ex.map(build, todo):
-                self._programs[R] = prog
+        todo = [(R, self.Q) for R in self.decode_ladder if (R, self.Q) not in self._programs]
+        self._programs.update(self.runner.compile(self._verify_step, todo, sampled_positions=True))
         self.proposer.compile_all()
         self._time_programs()
         return time.monotonic() - t0
@@ -110,51 +84,39 @@ class Speculator:
         """Seconds per decode and verify step for each R (padding-only inputs: writes go to the null page)."""
         r = self.runner
         for R in self.decode_ladder:
-            for kind, Q in (("decode", 1), ("verify", self.Q)):
-                prog = r._programs.get((R, 1)) if kind == "decode" else self._programs[R]
-                if prog is None:
+            for kind, programs, Q in (("decode", r.programs, 1), ("verify", self._programs, self.Q)):
+                if (R, Q) not in programs:
                     continue
-                inp, _ = r._abstract_inputs(R, Q)
-                _, st = r._abstract_inputs(R if kind == "decode" else R * Q, 1)
-                inp = StepInputs(*(np.zeros(a.shape, a.dtype) for a in inp))
-                st = SamplingTensors(**build_sampling_arrays([], [], [], [], [], [], st.temperature.shape[0],
-                                                             r.H, r.NB))
-                inp, st = r.place_inputs((inp, st))
+                inp = r.step_inputs(R, Q, [])
+                st = r.sampling_inputs([], R if kind == "decode" else R * Q)
                 best = float("inf")
                 for _ in range(repeats):
                     t = time.perf_counter()
-                    res, r.kv = prog(r.params, r.kv, inp, st)
-                    jax.block_until_ready(res)
+                    r.run(programs, (R, Q), inp, st, 0)
                     best = min(best, time.perf_counter() - t)
                 self.ctl.observe_cost(kind, R, best, init=True)
 
     # -------------------------------------------------------------- one decode step
     def execute(self, rows: list, bucket: tuple) -> list:
-        """Run the decode step for `rows` (ScheduledRow, num_new == 1). Returns, per row, the emitted tokens as
-        a list of (token, logprob, top_ids, top_logprobs)."""
+        """Run the decode step for `rows` (ScheduledRow, num_new == 1, block tables and lookahead slots from the
+        scheduler). Returns, per row, the emitted SampledTokens (accepted drafts + the bonus/correction)."""
         R = bucket[0]
         seqs = [row.seq for row in rows]
-        limits = []
-        for s in seqs:
-            # never draft past max_tokens or the context: the last emitted token is the bonus/correction
-            lim = min(self.K, s.max_tokens - len(s.output_token_ids) - 1, self.max_model_len - s.num_tokens - 1)
-            limits.append(max(0, lim))
         ks = self.ctl.plan([s.seq_id for s in seqs], R, self.proposer.cost_per_token, self.K)
-        ks = [min(k, m) for k, m in zip(ks, limits)]
-        for i, (row, k) in enumerate(zip(rows, ks)):
-            if k > 0 and not self.bm.ensure_capacity(row.seq.seq_id, row.seq.num_tokens + k):
-                ks[i] = 0
-            row.block_table = self.bm.block_table(row.seq.seq_id)
+        # never more drafts than reserved slots (the scheduler caps those at max_tokens: the last emitted token
+        # is the bonus/correction)
+        ks = [min(k, row.num_lookahead) for k, row in zip(ks, rows)]
         drafts = [[] for _ in rows]
         if any(ks):
             drafts = self.proposer.propose(seqs, ks, [row.block_table for row in rows])
         if not any(drafts):
             t0 = time.perf_counter()
-            tok, lp, ti, tl = self.runner.execute("decode", rows, bucket)
+            res = self.runner.execute("decode", rows, bucket)
             self.ctl.observe_cost("decode", R, time.perf_counter() - t0)
             self.plain_steps += 1
             self.emitted += len(rows)
-            return [[(int(tok[i]), float(lp[i]), ti[i], tl[i])] for i in range(len(rows))]
+            return [[SampledToken(int(res.tokens[i]), float(res.logprobs[i]), res.top_ids[i], res.top_logprobs[i])]
+                    for i in range(len(rows))]
         t0 = time.perf_counter()
         res = self._verify(rows, drafts, R)
         self.ctl.observe_cost("verify", R, time.perf_counter() - t0)
@@ -165,7 +127,7 @@ class Speculator:
             a = 0
             while a < len(d) and d[a] == int(tok[i, a]):
                 a += 1
-            out.append([(int(tok[i, j]), float(lp[i, j]), ti[i, j], tl[i, j]) for j in range(a + 1)])
+            out.append([SampledToken(int(tok[i, j]), float(lp[i, j]), ti[i, j], tl[i, j]) for j in range(a + 1)])
             starts.append(row.seq.num_tokens)
             acc.append(a)
             if d:
@@ -184,7 +146,7 @@ class Speculator:
         # each row feeds its last emitted token (whose KV is not written yet) and its drafts
         inp = r.step_inputs(R, Q, [([row.seq.all_token_ids[-1]] + list(d), row.seq.num_tokens - 1, row.block_table)
                                    for row, d in zip(rows, drafts)])
-        params, hist, out_start, steps, seeds, banned = [], [], [], [], [], []
+        entries = []
         need_hist = any(row.seq.params.uses_history for row in rows)
         for row, d in zip(rows, drafts):
             s = row.seq
@@ -193,23 +155,10 @@ class Speculator:
             n_out = len(s.output_token_ids)
             for j in range(Q):  # position j samples output token n_out + j given prefix + d_1..d_j
                 jj = min(j, len(d))
-                params.append(s.params)
-                hist.append(full[:n0 + jj] if need_hist else [])
-                out_start.append(len(s.prompt_token_ids))
-                steps.append(n_out + jj)
-                seeds.append(s.seed)
-                banned.append(sorted(s.stop_token_ids) if n_out + jj < s.params.min_tokens else [])
-        st = build_sampling_arrays(params, hist, out_start, steps, seeds, banned, R * Q, r.H, r.NB)
-        prog = self._programs.get(R)
-        if prog is None:
-            raise CompileWhileServingError(f"no compiled verify program for {R} rows; have {sorted(self._programs)}")
-        inputs = r.place_inputs((inp, SamplingTensors(**st)))
-        before = compile_count()
-        res, r.kv = prog(r.params, r.kv, *inputs)
-        out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
-        if compile_count() != before:
-            raise CompileWhileServingError("an XLA compilation happened while serving (verify step)")
-        return out
+                entries.append(SamplingRow(s.params, full[:n0 + jj] if need_hist else [], len(s.prompt_token_ids),
+                                           n_out + jj, s.seed,
+                                           sorted(s.stop_token_ids) if n_out + jj < s.params.min_tokens else []))
+        return r.run(self._programs, (R, Q), inp, r.sampling_inputs(entries, R * Q), len(rows))
 
     # -------------------------------------------------------------- bookkeeping
     def forget(self, seq_id: int) -> None:
@@ -234,10 +183,12 @@ class Speculator:
         }
 
 
-def build_speculator(spec, model_cfg, engine_cfg, runner, block_manager, max_model_len: int) -> Speculator:
-    """`speculative` dict -> Speculator with its proposer (the draft model, if any, is loaded here)."""
+def build_speculator(spec, runner) -> Speculator:
+    """`speculative` dict (or SpeculativeConfig) -> Speculator on the target's `runner`, with its proposer (the
+    draft model, if any, is loaded here)."""
     spec = SpeculativeConfig.parse(spec)
-    placement = getattr(runner, "placement", None)
+    model_cfg, engine_cfg = runner.model_cfg, runner.cfg
+    placement = runner.placement
     if placement is not None and (spec.method != "ngram" or placement.p > 1):
         raise InvalidConfigError(
             f"on a mesh, speculative decoding supports method 'ngram' with tensor parallelism (no 'stage' axis); "
@@ -253,4 +204,13 @@ def build_speculator(spec, model_cfg, engine_cfg, runner, block_manager, max_mod
         from jaxserve.speculative.proposers import draft_model_proposer
 
         proposer = draft_model_proposer(spec, model_cfg, engine_cfg, runner.num_pages)
-    return Speculator(spec, runner, block_manager, max_model_len, proposer)
+    return Speculator(spec, runner, proposer)
+
+
+def speculator_factory(spec):
+    """`LLMEngine(speculator=...)` from a `speculative` dict: a callable `runner -> Speculator`, or None for None.
+    The dict is validated here, before anything is loaded."""
+    if spec is None:
+        return None
+    spec = SpeculativeConfig.parse(spec)
+    return lambda runner: build_speculator(spec, runner)
