@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from jaxserve.config import EngineConfig
     from jaxserve.engine.runner import ModelRunner, attention_fn_for, bind_matmul_for
     from jaxserve.parallel.mesh import make_mesh, resolve_mesh_spec
-    from jaxserve.parallel.placement import Placement
+    from jaxserve.parallel.placement import ShardedPlacement
     from jaxserve.weights.quantize import Int8KV
     from jaxserve.weights.resolve import resolve_model
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                         attention_impl="xla", matmul_impl="xla")
     spec = resolve_mesh_spec(args.mesh, len(jax.devices()))
     mesh = make_mesh(spec)
-    placement = Placement(cfg, mesh)
+    placement = ShardedPlacement(cfg, mesh)
     runner = ModelRunner(cfg, ecfg, res.load_params(), ecfg.num_pages, placement=placement)
     target = dataclasses.replace(ecfg, attention_impl="pallas", matmul_impl="pallas")
     runner.attention_fn = attention_fn_for(cfg, target, placement, platform=args.platform)

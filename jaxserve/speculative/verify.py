@@ -236,8 +236,8 @@ class Speculator:
 def build_speculator(spec, model_cfg, engine_cfg, runner, block_manager, max_model_len: int) -> Speculator:
     """`speculative` dict -> Speculator with its proposer (the draft model, if any, is loaded here)."""
     spec = SpeculativeConfig.parse(spec)
-    placement = getattr(runner, "placement", None)
-    if placement is not None and (spec.method != "ngram" or placement.p > 1):
+    placement = runner.placement
+    if placement.mesh.size > 1 and (spec.method != "ngram" or placement.p > 1):
         raise InvalidConfigError(
             f"on a mesh, speculative decoding supports method 'ngram' with tensor parallelism (no 'stage' axis); "
             f"got method {spec.method!r} with stage={placement.p}")
