@@ -11,8 +11,8 @@ ShardedPlacement` splits them by the partition rules (parallel/rules.py) and pip
 * the KV cache (`models.transformer.init_kv_cache`) is created already in its layout, never on one device first;
 * every step program is `jax.jit(step, in_shardings=..., out_shardings=...)`: params and KV in their layout,
   step inputs and sampled tokens replicated (every process can read them), the KV cache donated;
-* step inputs are replicated global arrays (on a multi-host run every process passes the same host batch: the
-  schedulers are deterministic and see the same requests).
+* step inputs are replicated (on a multi-host run, global arrays from every process's copy of the same host
+  batch: the schedulers are deterministic and see the same requests).
 """
 
 from __future__ import annotations
@@ -90,12 +90,15 @@ class Placement:
         one_device = self.mesh.size == 1
 
         def put(a, s, dtype=dtype):
-            if isinstance(a, jax.Array) and a.sharding == s and a.dtype == dtype:
-                return a  # already placed (orbax restore)
-            if isinstance(a, jax.Array) and not a.is_fully_addressable:
-                return jax.jit(lambda x: x.astype(dtype), out_shardings=s)(a)
+            if isinstance(a, jax.Array):  # on devices already: orbax restore, random_weights="device", a runner's
+                dt = dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
+                if a.sharding == s and a.dtype == dt:
+                    return a
+                if not a.is_fully_addressable:
+                    return jax.jit(lambda x: x.astype(dt), out_shardings=s)(a)
+                return jax.device_put(a.astype(dt), s)
             host = np.asarray(a)
-            dt = dtype if np.issubdtype(host.dtype, np.floating) else host.dtype
+            dt = dtype if jnp.issubdtype(host.dtype, jnp.floating) else host.dtype  # (numpy's misses bfloat16)
             # Each device receives only its slice of the host array.
             return jax.make_array_from_callback(host.shape, s, lambda idx: np.asarray(host[idx], dtype=dt))
 
@@ -128,7 +131,12 @@ class Placement:
                        out_shardings=(self.replicated, kv_sh))
 
     def put_inputs(self, tree):
-        """Host step inputs -> replicated global arrays (identical on every process)."""
+        """Host step inputs as the step programs take them. In one process the host arrays themselves: the jit
+        places them replicated, as its in_shardings say, faster than building global arrays here. Across
+        processes, replicated global arrays built from each process's copy (identical on every process)."""
+        if not self.mesh.is_multi_process:
+            return tree
+
         def put(x):
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, self.replicated, lambda idx: x[idx])

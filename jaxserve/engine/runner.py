@@ -121,8 +121,8 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement
 
     "xla": the XLA path. "auto": Pallas kernels on TPU / GPU, the XLA path on CPU. "pallas": the kernels of
     pallas_kernels/ (on CPU, the TPU kernels in interpret mode: slow, for tests). On a placement's mesh of
-    several devices the kernels run under shard_map (default placement: one device). `platform` (default: this backend) lowers for another one (jax.export tests).
-    See pallas_kernels/engine.py.
+    several devices the kernels run under shard_map (default placement: one device). `platform` (default: this
+    backend) lowers for another one (jax.export tests). See pallas_kernels/engine.py.
     """
     impl = _kernel_impl(engine_cfg, "attention_impl", platform)
     if impl == "xla":
@@ -210,7 +210,7 @@ class ModelRunner:
         return self.placement.jit(step_fn, self.params, self.kv)
 
     def place_inputs(self, inputs):
-        """Host step inputs as a program takes them: replicated global arrays on the placement's mesh."""
+        """Host step inputs as a program takes them (`Placement.put_inputs`: replicated on its mesh)."""
         return self.placement.put_inputs(inputs)
 
     def compile_all(self, progress=None) -> float:
