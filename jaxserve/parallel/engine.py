@@ -58,8 +58,8 @@ def build_engine(model: str, engine_cfg: EngineConfig, mesh=None, *, random_weig
         _check_speculative_mesh(speculative, parse_mesh_spec(mesh))
         spec = resolve_mesh_spec(mesh, len(devices))  # a bad mesh fails before any weights load
     quantization = engine_cfg.quantization
-    # A converted float checkpoint is restored by orbax straight into the mesh's shardings. Quantized serving
-    # (quantization=..., or a checkpoint converted with --quant), and one device, go through the host copy
+    # On a mesh a converted float checkpoint is restored by orbax straight into its shardings. Quantized serving
+    # (quantization=..., or a checkpoint converted with --quant), and no mesh, go through the host copy
     # instead: quantize (or calibrate) there, then place shard by shard like any host params.
     sharded_restore = (mesh is not None and is_converted(model) and not random_weights and quantization is None
                        and not os.path.exists(os.path.join(model, QUANT_FILE)))
