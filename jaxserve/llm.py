@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError
 from jaxserve.sampling_params import SamplingParams
@@ -35,7 +33,7 @@ class LLM:
             them with numpy on the host, "device" with `jax.random` on the device (bfloat16 on TPU/GPU; for
             large presets, whose float32 host copy would be tens of GB; values differ from True's).
         mesh: None (one device), or `{"data": d, "stage": p, "model": t}` / `"data=1,stage=2,model=4"`:
-            tensor, pipeline and data parallelism over `jax.devices()` (README: "Running on many devices").
+            tensor, pipeline and data parallelism over `jax.devices()` (docs/parallel.md).
         Every other keyword is an `EngineConfig` field (page_size, max_model_len, max_num_seqs,
         kv_cache_bytes, num_pages, scheduler, enable_prefix_caching, attention_impl, dtype, seed, ...).
     """
@@ -43,7 +41,7 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, random_weights: Union[bool, str] = False, tokenizer=None,
                  compile_guard: str = "raise", mesh=None, speculative: Optional[dict] = None, **engine_kwargs):
         from jaxserve.engine.runner import enable_persistent_cache
-        from jaxserve.weights.resolve import resolve_model
+        from jaxserve.parallel.engine import build_engine, compile_engine
 
         t0 = time.monotonic()
         enable_persistent_cache()
@@ -59,38 +57,14 @@ class LLM:
             if mesh is not None and speculative.method != "ngram":
                 raise InvalidConfigError(f"on a mesh, speculative decoding supports method 'ngram' only; got "
                                          f"{speculative.method!r} (its draft model runs on one device)")
-        if mesh is not None:  # tensor / pipeline / data parallel over jax.devices(): jaxserve/parallel/
-            from jaxserve.parallel.engine import build_parallel_engine
-
-            self.engine, self.model_config, self.tokenizer, _ = build_parallel_engine(
-                model, mesh, self.engine_config, random_weights=random_weights, tokenizer=tokenizer,
-                speculative=speculative, given=set(engine_kwargs))
-            self.engine_config = self.engine.cfg
-            t_load = time.monotonic()
-        else:
-            resolved = resolve_model(model, random_weights=random_weights, seed=self.engine_config.seed)
-            params = resolved.params() if callable(resolved.params) else resolved.params
-            self.model_config = resolved.config
-            self.tokenizer = tokenizer or resolved.tokenizer
-            # On TPU/GPU: bfloat16 and a batch sized from the device's memory, unless given (planner.engine_defaults)
-            from jaxserve.planner import engine_defaults
-
-            defaults = engine_defaults(self.model_config, self.engine_config, given=set(engine_kwargs))
-            if defaults:
-                self.engine_config = dataclasses.replace(self.engine_config, **defaults)
-            if self.engine_config.quantization is not None:  # docs/quantization.md
-                from jaxserve.weights.calibrate import quantize_for_engine
-
-                params = quantize_for_engine(params, self.model_config, self.engine_config, self.tokenizer)
-            t_load = time.monotonic()
-            from jaxserve.speculative import speculator_factory
-
-            self.engine = LLMEngine(self.model_config, self.engine_config, params, self.tokenizer,
-                                    speculator=speculator_factory(speculative))
-            del params
-        self.compile_seconds = self.engine.runner.compile_all()
-        if self.engine.speculator is not None:  # verify (R, k + 1) programs, the draft's, measured step costs
-            self.compile_seconds += self.engine.speculator.compile_all()
+        # One device, or tensor / pipeline / data parallel over jax.devices() (jaxserve/parallel/); on TPU/GPU
+        # bfloat16 and a batch sized from the device's memory, unless given (planner.engine_defaults).
+        self.engine, self.model_config, self.tokenizer, _ = build_engine(
+            model, self.engine_config, mesh, random_weights=random_weights, tokenizer=tokenizer,
+            speculative=speculative, given=set(engine_kwargs))
+        self.engine_config = self.engine.cfg
+        t_load = time.monotonic()
+        self.compile_seconds = compile_engine(self.engine)
         self.load_seconds = t_load - t0
         self.startup_seconds = time.monotonic() - t0
 

@@ -449,6 +449,23 @@ def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device="auto", num_d
     return budget
 
 
+def kv_budget_bytes(model: ModelConfig, engine_cfg, device="auto", num_devices: int = 1, replicas: int = 1) -> int:
+    """KV cache bytes of one engine replica: `EngineConfig.kv_cache_bytes` split over the `replicas`
+    (data-parallel copies), or when it is None `default_kv_budget_bytes` (same arguments)."""
+    if engine_cfg.kv_cache_bytes:
+        return engine_cfg.kv_cache_bytes // max(1, replicas)
+    return default_kv_budget_bytes(model, engine_cfg, device, num_devices=num_devices, replicas=replicas)
+
+
+def num_kv_pages(model: ModelConfig, engine_cfg, device="auto", num_devices: int = 1, replicas: int = 1) -> int:
+    """KV pages of one engine replica (null page included): `EngineConfig.num_pages` when given, else as many as
+    `kv_budget_bytes` holds. `device`, `num_devices` (a replica's tensor / pipeline group), `replicas`: as
+    `default_kv_budget_bytes`. The one place the engine's page count is decided."""
+    if engine_cfg.num_pages is not None:
+        return engine_cfg.num_pages
+    return kv_pages_for_budget(model, engine_cfg, kv_budget_bytes(model, engine_cfg, device, num_devices, replicas))
+
+
 # The largest decode batch the engine picks by itself on TPU/GPU (vLLM's GPU default is 256): bigger batches
 # only add compiled buckets while a step is bandwidth-bound on the weights up to about this size.
 ACCELERATOR_MAX_NUM_SEQS = 256
@@ -472,7 +489,7 @@ def engine_defaults(model: ModelConfig, engine_cfg, jax_device=None, num_devices
             out[field] = "bfloat16"
     if "max_num_seqs" not in given:
         cfg = dataclasses.replace(engine_cfg, **out)
-        budget = cfg.kv_cache_bytes or default_kv_budget_bytes(model, cfg, device_of(jax_device), num_devices)
+        budget = kv_budget_bytes(model, cfg, device_of(jax_device), num_devices)
         per_seq = int(model.kv_bytes_per_token(cfg.kv_cache_dtype)) * cfg.model_len(model)
         fit = max(1, min(ACCELERATOR_MAX_NUM_SEQS, budget // per_seq))
         out["max_num_seqs"] = 1 << (int(fit).bit_length() - 1)

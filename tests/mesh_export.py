@@ -5,7 +5,7 @@
 Builds a replica exactly as `LLM(..., mesh=...)` does (random tiny-gemma3 / tiny-llama weights placed on forced
 host CPU devices), then swaps in what the runner would use on the target platform: the attention_fn for
 `attention_impl="pallas"` and the quantized weights bound to `matmul_impl="pallas"` (both under shard_map), and
-`jax.export`s `runner._step` (forward + sampling, the KV cache donated) for every bucket kind (a decode and a
+`jax.export`s `runner.sample_step` (forward + sampling, the KV cache donated) for every bucket kind (a decode and a
 prefill bucket) with the placement's shardings. Prints one JSON line: per bucket, the custom-call targets
 found in the exported module, the number of devices it was lowered for, and the sizes of the shard_map bodies.
 """
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     from jaxserve.config import EngineConfig
     from jaxserve.engine.runner import ModelRunner, attention_fn_for, bind_matmul_for
     from jaxserve.parallel.mesh import make_mesh, resolve_mesh_spec
-    from jaxserve.parallel.placement import Placement
     from jaxserve.models.kv_cache import Int8KV
+    from jaxserve.parallel.placement import ShardedPlacement
     from jaxserve.weights.resolve import resolve_model
 
     res = resolve_model(args.model, random_weights=True, seed=0)
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                         attention_impl="xla", matmul_impl="xla")
     spec = resolve_mesh_spec(args.mesh, len(jax.devices()))
     mesh = make_mesh(spec)
-    placement = Placement(cfg, mesh)
+    placement = ShardedPlacement(cfg, mesh)
     runner = ModelRunner(cfg, ecfg, res.load_params(), ecfg.num_pages, placement=placement)
     target = dataclasses.replace(ecfg, attention_impl="pallas", matmul_impl="pallas")
     runner.attention_fn = attention_fn_for(cfg, target, placement, platform=args.platform)
@@ -75,12 +75,12 @@ def main(argv=None) -> int:
     else:  # a plain bfloat16 cache (Bf16KV's bit storage is for XLA:CPU only)
         one = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=kv_sh)
     kv = {"k": one, "v": one}
-    step = placement.jit(runner._step, params, kv)
+    step = placement.jit(runner.sample_step, params, kv)
     checks = [jax.export.DisabledSafetyCheck.custom_call(MARK["cuda"])] if args.platform == "cuda" else []
     out = {"platform": args.platform, "mesh": spec, "quant": args.quant, "kv": args.kv, "buckets": {}}
     buckets = [b for b in runner.buckets() if b[1] == 1][-1:] + [b for b in runner.buckets() if b[1] > 1][-1:]
     for bucket in buckets:
-        inp, st = runner._abstract_inputs(*bucket)
+        inp, st = runner.abstract_inputs(*bucket)
         exp = jax.export.export(step, platforms=(args.platform,), disabled_checks=checks)(params, kv, inp, st)
         text = exp.mlir_module()
         if os.environ.get("MESH_EXPORT_DUMP"):

@@ -33,13 +33,18 @@ GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils a
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
+def _runners(llm) -> list:
+    """The runner of each engine replica."""
+    from jaxserve.parallel.engine import DataParallelEngine
+
+    return llm.engine.runners if isinstance(llm.engine, DataParallelEngine) else [llm.engine.runner]
+
+
 def hlo_report(llm) -> dict:
     """Collectives of the (R=max, Q=1) decode program, and all-gathers whose result is a whole weight."""
     from jaxserve.parallel.placement import full_matrix_shapes
 
-    runner = llm.engine.runner
-    runners = getattr(runner, "runners", [runner])
-    r0 = runners[0]
+    r0 = _runners(llm)[0]
     bucket = max(b for b in r0.compiled_buckets() if b[1] == 1)
     txt = r0._programs[bucket].as_text()
     found = {c: len(re.findall(rf"= [^\n]*? {c}(?:-start)?\(", txt)) for c in COLLECTIVES}
@@ -121,8 +126,7 @@ def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hl
 
 
 def jax_params_sharding(llm):
-    runner = llm.engine.runner
-    r0 = getattr(runner, "runners", [runner])[0]
+    r0 = _runners(llm)[0]
     try:
         wq = r0.params["layers"]["wq"]
         return str(getattr(wq, "w_q", wq).sharding.spec)  # a quantized weight: its value array

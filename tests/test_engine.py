@@ -76,6 +76,16 @@ def test_no_compilation_after_warmup(tiny_llama):
     assert set(llm.engine.runner.compiled_buckets()) == set(llm.engine.runner.buckets())
 
 
+def test_one_device_is_a_one_device_mesh(tiny_llama):
+    """Without a mesh the runner's placement is the 1 x 1 mesh of the first device; params and KV pages live on it."""
+    import jax
+
+    pl = tiny_llama.engine.runner.placement
+    assert pl.mesh.size == 1 and pl.mesh.devices.flat[0] == jax.devices()[0] and (pl.t, pl.p) == (1, 1)
+    for a in jax.tree.leaves((tiny_llama.engine.runner.params, tiny_llama.engine.runner.kv)):
+        assert a.sharding.mesh == pl.mesh and a.sharding.is_fully_replicated
+
+
 def test_pages_freed_after_generation(tiny_llama):
     llm = tiny_llama
     prompts = _mixed_prompts(llm.model_config.vocab_size, [10, 50, 90], seed=5)

@@ -287,6 +287,18 @@ def test_default_kv_budget_cpu(monkeypatch):
     assert kv_pages_for_budget(g, ecfg, 860_342_580) == 860_342_580 // (16 * 36_864) == 1_458
 
 
+def test_num_kv_pages():
+    """The engine's one page count: num_pages when given, else the budget (kv_cache_bytes split over the
+    data-parallel replicas, or the default budget) in pages."""
+    g = get_preset("gemma3-270m")
+    assert planner.num_kv_pages(g, EngineConfig(page_size=16, num_pages=7, kv_cache_bytes=2 * GiB)) == 7
+    ecfg = EngineConfig(page_size=16, kv_cache_dtype="float32", kv_cache_bytes=2 * GiB)
+    assert planner.num_kv_pages(g, ecfg) == 3_640
+    assert planner.num_kv_pages(g, ecfg, replicas=2) == kv_pages_for_budget(g, ecfg, GiB) == 1_820
+    ecfg = EngineConfig(dtype="bfloat16", kv_cache_dtype="bfloat16", page_size=16)
+    assert planner.num_kv_pages(g, ecfg, device="tpu-v5e") == kv_pages_for_budget(g, ecfg, 14_925_685_914)
+
+
 def test_default_kv_budget_accelerator():
     g = get_preset("gemma3-270m")
     # bf16 on a v5e: 17,179,869,184 - 1,717,986,918 - 268,098,176 x 2 = 14,925,685,914 (no CPU cap)

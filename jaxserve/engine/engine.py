@@ -75,12 +75,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = engine_cfg.model_len(model_cfg)
         if num_pages is None:
-            num_pages = engine_cfg.num_pages
-        if num_pages is None:
-            from jaxserve.planner import default_kv_budget_bytes, kv_pages_for_budget
+            from jaxserve.planner import num_kv_pages
 
-            budget = engine_cfg.kv_cache_bytes or default_kv_budget_bytes(model_cfg, engine_cfg)
-            num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget)
+            num_pages = num_kv_pages(model_cfg, engine_cfg)
         self.num_pages = num_pages
         if runner is None:
             from jaxserve.engine.runner import ModelRunner

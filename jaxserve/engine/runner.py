@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.placement import Placement
 from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample
 from jaxserve.engine.sampling_inputs import build_sampling_arrays
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
-from jaxserve.models.kv_cache import init_kv_cache
-from jaxserve.models.transformer import StepInputs, forward_step, pack_bf16_layers
-from jaxserve.weights.quantize import ensure_quantized, to_device
+from jaxserve.models.transformer import StepInputs, forward_step
+from jaxserve.weights.quantize import ensure_quantized
 
 log = logging.getLogger("jaxserve")
 
@@ -135,32 +135,29 @@ def _kernel_impl(engine_cfg: EngineConfig, field: str, platform: Optional[str] =
     return impl
 
 
-def _mesh_split(model_cfg: ModelConfig, placement):
-    """(mesh, q_split, kv_split) for the kernels' shard_map on a placement's mesh; (None, False, False) alone."""
-    if placement is None:
-        return None, False, False
-    from jaxserve.parallel.rules import attention_split as rule_split
+def _mesh_split(model_cfg: ModelConfig, placement: Placement):
+    """(mesh, q_split, kv_split) for the kernels' shard_map on a placement's mesh; no mesh on one device."""
     from pallas_kernels.engine import attention_split
 
-    q_ok, kv_ok = rule_split(model_cfg, placement.t)
-    return (placement.mesh, *attention_split(model_cfg.num_heads, model_cfg.num_kv_heads, q_ok and placement.t > 1,
-                                             kv_ok and placement.t > 1))
+    return (placement.kernel_mesh, *attention_split(model_cfg.num_heads, model_cfg.num_kv_heads,
+                                                    *placement.heads_split))
 
 
-def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement=None, platform: Optional[str] = None):
+def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement: Optional[Placement] = None,
+                     platform: Optional[str] = None):
     """`EngineConfig.attention_impl` -> forward_step's attention_fn; None is the XLA path.
 
     "xla": the XLA path. "auto": Pallas kernels on TPU / GPU, the XLA path on CPU. "pallas": the kernels of
-    pallas_kernels/ (on CPU, the TPU kernels in interpret mode: slow, for tests). On a mesh (`placement`) the
-    kernels run under shard_map. `platform` (default: this backend) lowers for another one (jax.export tests).
-    See pallas_kernels/engine.py.
+    pallas_kernels/ (on CPU, the TPU kernels in interpret mode: slow, for tests). On a placement's mesh of
+    several devices the kernels run under shard_map (default placement: one device). `platform` (default: this
+    backend) lowers for another one (jax.export tests). See pallas_kernels/engine.py.
     """
     impl = _kernel_impl(engine_cfg, "attention_impl", platform)
     if impl == "xla":
         return None  # (without importing pallas_kernels)
     from pallas_kernels.engine import engine_attention_fn
 
-    mesh, q_split, kv_split = _mesh_split(model_cfg, placement)
+    mesh, q_split, kv_split = _mesh_split(model_cfg, placement or Placement())
     try:
         return engine_attention_fn(impl, head_dim=model_cfg.head_dim, page_size=engine_cfg.page_size, mesh=mesh,
                                    q_split=q_split, kv_split=kv_split, platform=platform)
@@ -168,16 +165,17 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement
         raise InvalidConfigError(str(e)) from None
 
 
-def bind_matmul_for(params, engine_cfg: EngineConfig, placement=None, platform: Optional[str] = None):
+def bind_matmul_for(params, engine_cfg: EngineConfig, placement: Optional[Placement] = None,
+                    platform: Optional[str] = None):
     """`EngineConfig.matmul_impl` applied to the (placed) params' quantized weights: "pallas" (or "auto" on
-    TPU / GPU) runs them through pallas_kernels/quant_matmul.py (under shard_map on a mesh); "xla" keeps
-    jaxserve.weights.quantize's formulation."""
+    TPU / GPU) runs them through pallas_kernels/quant_matmul.py (under shard_map on a placement's mesh of several
+    devices; default placement: one device); "xla" keeps jaxserve.weights.quantize's formulation."""
     impl = _kernel_impl(engine_cfg, "matmul_impl", platform)
     if impl == "xla":
         return params
     from pallas_kernels.engine import bind_matmul_kernels
 
-    return bind_matmul_kernels(params, impl, mesh=None if placement is None else placement.mesh, platform=platform)
+    return bind_matmul_kernels(params, impl, mesh=(placement or Placement()).kernel_mesh, platform=platform)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,9 +185,11 @@ def bind_matmul_for(params, engine_cfg: EngineConfig, placement=None, platform: 
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, params, num_pages: int,
-                 attention_fn=None, placement=None):
+                 attention_fn=None, placement: Optional[Placement] = None):
         self.model_cfg = model_cfg
-        self.placement = placement  # jaxserve.parallel.placement.Placement: a sharded replica; None: one device
+        # Where params, KV pages and step inputs live; default: one device (a 1 x 1 mesh). A sharded replica:
+        # jaxserve.parallel.placement.ShardedPlacement.
+        self.placement = placement = placement or Placement()
         self.cfg = engine_cfg
         self.num_pages = num_pages
         self.page_size = engine_cfg.page_size
@@ -202,14 +202,9 @@ class ModelRunner:
         dtype = jnp.dtype(engine_cfg.dtype)
         t0 = time.monotonic()
         params = ensure_quantized(params, engine_cfg)  # no-op unless EngineConfig.quantization is set
-        if placement is not None:
-            self.params = placement.place_params(params, dtype)
-            self.kv = placement.init_kv(num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
-        else:
-            # Float leaves are cast to the engine dtype; quantized leaves (weights/quantize.py) are kept as they are.
-            self.params = pack_bf16_layers(to_device(params, dtype))  # bf16 layer weights as bits on CPU
-            self.kv = init_kv_cache(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
-        self.params = bind_matmul_for(self.params, engine_cfg, placement)
+        # Float leaves are cast to the engine dtype; quantized leaves (weights/quantize.py) keep their own.
+        self.params = bind_matmul_for(placement.place_params(params, dtype), engine_cfg, placement)
+        self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         self.load_seconds = time.monotonic() - t0
         self._programs: dict = {}
         self._warm_count: Optional[int] = None
@@ -223,10 +218,9 @@ class ModelRunner:
             return forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                 block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
                                 batch_invariant=self.cfg.batch_invariant, all_logits=True)
-        forward = forward_step if self.placement is None or self.placement.forward is None else self.placement.forward
-        return forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
-                       block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                       batch_invariant=self.cfg.batch_invariant)
+        return self.placement.forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
+                                      block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                                      batch_invariant=self.cfg.batch_invariant)
 
     def sample(self, logits, st: SamplingTensors) -> SampleResult:
         """The engine's sampler over rows of logits f32[N, V] (N = the sampling tensors' rows)."""
@@ -239,8 +233,6 @@ class ModelRunner:
         """The engine's step: forward + on-device sampling of each row's next token."""
         logits, kv = self.forward(params, kv, inp)
         return self.sample(logits, st), kv
-
-    _step = sample_step  # (tests/mesh_export.py, tests/test_bf16.py)
 
     def greedy_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
         """An argmax instead of the full sampler (a fraction of the compile time); `st` is ignored, no logprobs.
@@ -264,22 +256,18 @@ class ModelRunner:
                                        self.NB)
         return inp, SamplingTensors(**{k: S(v.shape, v.dtype) for k, v in arrays.items()})
 
-    _abstract_inputs = abstract_inputs  # (tests/mesh_export.py, tests/test_bf16.py)
-
     def buckets(self) -> list:
         """The engine's (R, Q) step shapes: the decode ladder as (R, 1), then the prefill ladder."""
         return [(r, 1) for r in self.cfg.decode_buckets()] + list(self.cfg.prefill_buckets())
 
     def jit_step(self, step_fn):
-        """`step_fn(params, kv, inputs, sampling)` under jit, KV donated; on a mesh, with the placement's shardings.
+        """`step_fn(params, kv, inputs, sampling)` under jit with the placement's shardings, KV donated.
         The engine's steps and the speculative verify steps both compile through here."""
-        if self.placement is not None:
-            return self.placement.jit(step_fn, self.params, self.kv)
-        return jax.jit(step_fn, donate_argnums=(1,))
+        return self.placement.jit(step_fn, self.params, self.kv)
 
     def place_inputs(self, inputs):
-        """Host step inputs as a program takes them: as they are on one device, replicated global arrays on a mesh."""
-        return inputs if self.placement is None else self.placement.put_inputs(inputs)
+        """Host step inputs as a program takes them (`Placement.put_inputs`: replicated on its mesh)."""
+        return self.placement.put_inputs(inputs)
 
     def compile(self, step_fn, buckets, sampled_positions: bool = False, progress=None) -> dict:
         """Compile `step_fn(params, kv, StepInputs, SamplingTensors) -> (result, kv)` for every (R, Q) bucket

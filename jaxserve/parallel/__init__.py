@@ -2,9 +2,9 @@
 
     mesh.py         mesh specs ("data=1,stage=2,model=4"), checks, jax.make_mesh, default meshes
     rules.py        partition rules by parameter name (column / row / vocab parallel, KV over KV heads)
-    placement.py    one replica's shardings: params, KV cache, jit in/out shardings, step inputs
+    placement.py    ShardedPlacement: engine.placement.Placement split by the rules, pipelined over "stage"
     pipeline.py     layers split over "stage", GPipe micro-batches inside a step (shard_map + ppermute)
-    engine.py       building a sharded engine from LLM(mesh=...), the data-parallel front (router)
+    engine.py       build_engine (LLM's one construction path, any mesh), the data-parallel front (router)
     checkpoint.py   sharded orbax save, restore straight into target shardings
     distributed.py  multi-host start-up (jax.distributed.initialize from flags / environment)
     cli.py          the --mesh / multi-host flags

@@ -1,14 +1,17 @@
-"""Building a sharded engine from a mesh spec, and the data-parallel front (one engine per `data` replica).
+"""`build_engine`: a model name / path and an optional mesh -> a ready engine; the data-parallel front.
 
-`LLM(model, mesh={"data": d, "stage": p, "model": t})` lands here:
+`LLM(model)` and `LLM(model, mesh={"data": d, "stage": p, "model": t})` both land here, one sequence:
 
-1. the mesh spec is checked against `jax.devices()` and the model (jaxserve errors on a bad one);
-2. the mesh is cut into `d` disjoint (stage, model) sub-meshes, one per replica;
-3. weights go straight into each replica's shardings: a converted (orbax) float directory is restored shard by
-   shard (`parallel/checkpoint.py`, no full host copy); other sources, and quantized serving (int8 / int4 /
-   GPTQ weights, quantized on the host first), are loaded on the host once and each device receives its slices;
-4. each replica is a normal `LLMEngine` (its own scheduler, block manager and KV cache) whose runner has a
-   `Placement`; with `d > 1` a `DataParallelEngine` routes requests to them.
+1. the mesh spec (none: one device, the 1 x 1 x 1 mesh) is checked against `jax.devices()` and the model
+   (jaxserve errors on a bad one, before any weights load);
+2. weights load: a converted (orbax) float directory on a mesh is restored shard by shard straight into each
+   replica's shardings (`parallel/checkpoint.py`, no full host copy); otherwise (and for quantized serving:
+   int8 / int4 / GPTQ weights, quantized on the host first) they are loaded on the host once and each device
+   receives its slices;
+3. the device defaults (planner.engine_defaults) and the KV page budget (planner.num_kv_pages) per replica;
+4. the mesh is cut into `d` disjoint (stage, model) sub-meshes; each replica is an `LLMEngine` (its own
+   scheduler, block manager and KV cache) whose runner has a `ShardedPlacement`; with `d > 1` a
+   `DataParallelEngine` routes requests to them.
 """
 
 from __future__ import annotations
@@ -18,42 +21,48 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from typing import Optional
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine.engine import EngineStats, LLMEngine
 from jaxserve.errors import InvalidConfigError, InvalidPromptError
 from jaxserve.weights.checkpoint import QUANT_FILE
 
 log = logging.getLogger("jaxserve")
 
 
-def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, random_weights: bool = False,
-                          tokenizer=None, devices=None, speculative=None, given=None):
-    """-> (engine, model_config, tokenizer, seconds spent loading weights). `speculative`: n-gram speculation
-    (a SpeculativeConfig or dict) on a single tensor-parallel replica (no `stage` or `data` axis). `given`: the
-    EngineConfig fields the user set; the others may take the device's defaults (planner.engine_defaults)."""
+def build_engine(model: str, engine_cfg: EngineConfig, mesh=None, *, random_weights=False, tokenizer=None,
+                 devices=None, speculative=None, given=None):
+    """-> (engine, model_config, tokenizer, seconds spent loading weights and placing them on the devices).
+
+    `mesh`: None (one device), a spec `{"data": d, "stage": p, "model": t}` / `"data=1,stage=2,model=4"`, or
+    "auto" (`mesh.default_mesh_spec`). `speculative`: a SpeculativeConfig or dict; on a mesh of several
+    devices n-gram speculation on a single tensor-parallel replica only (no `stage` or `data` axis). `given`:
+    the EngineConfig fields the user set; the others may take the device's defaults (planner.engine_defaults).
+    The engine (an LLMEngine, or a DataParallelEngine for d > 1) is not compiled yet: `compile_engine`.
+    """
     import jax
 
-    from jaxserve.engine.engine import LLMEngine
     from jaxserve.engine.runner import ModelRunner
+    from jaxserve.parallel.mesh import (check_model_fits_mesh, default_mesh_spec, make_mesh, parse_mesh_spec,
+                                        replica_meshes, resolve_mesh_spec)
+    from jaxserve.parallel.placement import ShardedPlacement
+    from jaxserve.planner import engine_defaults, num_kv_pages
     from jaxserve.speculative import speculator_factory
-    from jaxserve.parallel.mesh import check_model_fits_mesh, make_mesh, replica_meshes, resolve_mesh_spec
-    from jaxserve.parallel.placement import Placement
     from jaxserve.weights.checkpoint import is_converted
 
     t0 = time.monotonic()
     devices = list(jax.devices() if devices is None else devices)
-    auto = isinstance(mesh_spec, str) and mesh_spec.strip().lower() == "auto"
+    auto = isinstance(mesh, str) and mesh.strip().lower() == "auto"
     if not auto:
-        from jaxserve.parallel.mesh import parse_mesh_spec
-
-        _check_speculative_mesh(speculative, parse_mesh_spec(mesh_spec))
-        spec = resolve_mesh_spec(mesh_spec, len(devices))  # a bad mesh fails before any weights load
+        _check_speculative_mesh(speculative, parse_mesh_spec(mesh))
+        spec = resolve_mesh_spec(mesh, len(devices))  # a bad mesh fails before any weights load
     quantization = engine_cfg.quantization
-    # A converted float checkpoint is restored by orbax straight into the mesh's shardings. Quantized serving
-    # (quantization=..., or a checkpoint converted with --quant) goes through the host copy instead: quantize
-    # (or calibrate) there, then place shard by shard like any host params.
-    sharded_restore = (is_converted(model) and not random_weights and quantization is None
+    # On a mesh a converted float checkpoint is restored by orbax straight into its shardings. Quantized serving
+    # (quantization=..., or a checkpoint converted with --quant), and no mesh, go through the host copy
+    # instead: quantize (or calibrate) there, then place shard by shard like any host params.
+    sharded_restore = (mesh is not None and is_converted(model) and not random_weights and quantization is None
                        and not os.path.exists(os.path.join(model, QUANT_FILE)))
     if sharded_restore:
         from jaxserve.parallel.checkpoint import load_config_and_tokenizer
@@ -66,37 +75,26 @@ def build_parallel_engine(model: str, mesh_spec, engine_cfg: EngineConfig, *, ra
         resolved = resolve_model(model, random_weights=random_weights, seed=engine_cfg.seed)
         model_cfg, tok = resolved.config, resolved.tokenizer
         host_params = resolved.load_params()
-    engine_cfg.validate(model_cfg)
     if auto:
-        from jaxserve.parallel.mesh import default_mesh_spec
-
         spec = resolve_mesh_spec(default_mesh_spec(model_cfg, devices), len(devices))
         _check_speculative_mesh(speculative, spec)  # (an explicit mesh was checked before loading)
     check_model_fits_mesh(model_cfg, spec)
+    group = spec["model"] * spec["stage"]  # the devices of one replica
     if given is not None:
-        from jaxserve.planner import engine_defaults
-
-        defaults = engine_defaults(model_cfg, engine_cfg, devices[0], spec["model"] * spec["stage"], given)
+        defaults = engine_defaults(model_cfg, engine_cfg, devices[0], group, given)
         if defaults:
             engine_cfg = dataclasses.replace(engine_cfg, **defaults)
-            engine_cfg.validate(model_cfg)
+    engine_cfg.validate(model_cfg)
     tokenizer = tokenizer or tok
     if quantization is not None and host_params is not None:  # docs/quantization.md
         from jaxserve.weights.calibrate import quantize_for_engine
 
         host_params = quantize_for_engine(host_params, model_cfg, engine_cfg, tokenizer)
-    mesh = make_mesh(spec, devices)
-    num_pages = engine_cfg.num_pages
-    if num_pages is None:
-        from jaxserve.planner import default_kv_budget_bytes, kv_pages_for_budget
-
-        # per replica: its own devices' share on an accelerator, the host's RAM split over replicas on CPU
-        budget = (engine_cfg.kv_cache_bytes // spec["data"] if engine_cfg.kv_cache_bytes else default_kv_budget_bytes(
-            model_cfg, engine_cfg, devices[0], num_devices=spec["model"] * spec["stage"], replicas=spec["data"]))
-        num_pages = kv_pages_for_budget(model_cfg, engine_cfg, budget)
+    # per replica: its own devices' share on an accelerator, the host's RAM split over replicas on CPU
+    num_pages = num_kv_pages(model_cfg, engine_cfg, devices[0], num_devices=group, replicas=spec["data"])
     engines = []
-    for rmesh in replica_meshes(mesh):
-        placement = Placement(model_cfg, rmesh)
+    for rmesh in replica_meshes(make_mesh(spec, devices)):
+        placement = ShardedPlacement(model_cfg, rmesh)
         if sharded_restore:
             from jaxserve.parallel.checkpoint import restore_sharded
 
@@ -120,34 +118,29 @@ def _check_speculative_mesh(speculative, spec: dict) -> None:
                                  f"(data=1, stage=1); got {spec}")
 
 
-class _Runners:
-    """`engine.runner` of a data-parallel front: compiles and reports every replica's programs."""
-
-    def __init__(self, engines):
-        self.runners = [e.runner for e in engines]
-
-    def compile_all(self, progress=None) -> float:
-        return sum(r.compile_all(progress) for r in self.runners)
-
-    def compiled_buckets(self) -> list:
-        return self.runners[0].compiled_buckets()
-
-    @property
-    def placement(self):
-        return self.runners[0].placement
+def compile_engine(engine, progress=None) -> float:
+    """Compile an engine's programs ahead of time (its runner's buckets, then its speculator's: verify programs,
+    a draft model's, measured step costs), or every replica's for a DataParallelEngine. Returns seconds."""
+    if isinstance(engine, DataParallelEngine):
+        return engine.compile_all(progress)
+    seconds = engine.runner.compile_all(progress)
+    if engine.speculator is not None:
+        seconds += engine.speculator.compile_all()
+    return seconds
 
 
-class _SummedStats:
-    def __init__(self, engines):
-        self._engines = engines
-
-    def __getattr__(self, name):
-        vals = [getattr(e.stats, name) for e in self._engines]
-        if isinstance(vals[0], (int, float)):
-            return sum(vals)
+def sum_stats(stats: list) -> EngineStats:
+    """Several engines' EngineStats as one: counters and per-kind dicts summed, latency samples pooled."""
+    out = EngineStats()
+    for f in dataclasses.fields(EngineStats):
+        vals = [getattr(s, f.name) for s in stats]
         if isinstance(vals[0], dict):
-            return {k: sum(v[k] for v in vals) for k in vals[0]}
-        return [x for v in vals for x in v]
+            setattr(out, f.name, {k: sum(v[k] for v in vals) for k in vals[0]})
+        elif isinstance(vals[0], deque):
+            setattr(out, f.name, deque((x for v in vals for x in v), maxlen=vals[0].maxlen))
+        else:
+            setattr(out, f.name, sum(vals))
+    return out
 
 
 class DataParallelEngine:
@@ -165,11 +158,18 @@ class DataParallelEngine:
         self.tokenizer = engines[0].tokenizer
         self.max_model_len = engines[0].max_model_len
         self.num_pages = engines[0].num_pages
-        self.runner = _Runners(engines)
-        self.speculator = None  # speculative decoding is per replica engine; not wired through the front
-        self.stats = _SummedStats(engines)
+        self.runners = [e.runner for e in engines]
         self._where: dict = {}  # request id -> replica index
         self._ids = itertools.count()
+
+    @property
+    def stats(self) -> EngineStats:
+        """The replicas' stats summed (a new EngineStats each time)."""
+        return sum_stats([e.stats for e in self.replicas])
+
+    def compile_all(self, progress=None) -> float:
+        """Compile every replica's programs (`compile_engine`). Returns seconds."""
+        return sum(compile_engine(e, progress) for e in self.replicas)
 
     def tokenize_prompt(self, prompt):
         return self.replicas[0].tokenize_prompt(prompt)

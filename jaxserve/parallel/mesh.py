@@ -2,7 +2,7 @@
 
 Axes (always in this order, so a mesh's device layout is predictable):
 
-    data    independent engine replicas (one scheduler each, a router in front: parallel/data.py)
+    data    independent engine replicas (one scheduler each, a router in front: parallel/engine.py)
     stage   pipeline stages; layers split across them (parallel/pipeline.py)
     model   tensor parallelism inside a layer (parallel/rules.py: column/row-parallel matmuls, vocab-parallel
             embedding and LM head, KV cache over KV heads)

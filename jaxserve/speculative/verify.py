@@ -189,7 +189,7 @@ def build_speculator(spec, runner) -> Speculator:
     spec = SpeculativeConfig.parse(spec)
     model_cfg, engine_cfg = runner.model_cfg, runner.cfg
     placement = runner.placement
-    if placement is not None and (spec.method != "ngram" or placement.p > 1):
+    if placement.mesh.size > 1 and (spec.method != "ngram" or placement.p > 1):
         raise InvalidConfigError(
             f"on a mesh, speculative decoding supports method 'ngram' with tensor parallelism (no 'stage' axis); "
             f"got method {spec.method!r} with stage={placement.p}")
