@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     inp = r.step_inputs(bucket, 1, [([5], 300, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(B)])
     st = build_sampling_arrays([SamplingParams(temperature=0.0)] * bucket, [[]] * bucket, [0] * bucket, [0] * bucket,
                                [0] * bucket, [[]] * bucket, bucket, r.H, r.NB)
-    prog = r._programs[(bucket, 1)]
+    prog = r.programs[(bucket, 1)]
     inputs = r.place_inputs((inp, SamplingTensors(**st)))
     windows = []
     t_end = time.time() + args.seconds

@@ -587,7 +587,7 @@ def time_compiled_step(llm, batch, context, repeats):
     st = SamplingTensors(**build_sampling_arrays([SamplingParams(temperature=0.0)] * batch, [[]] * batch,
                                                  [0] * batch, [0] * batch, [None] * batch, [[]] * batch, batch,
                                                  runner.H, runner.NB))
-    prog = runner._programs[(batch, 1)]          # the engine's own executable for this bucket
+    prog = runner.programs[(batch, 1)]          # the engine's own executable for this bucket
     inputs = runner.place_inputs((inp, st))
     times = []
     for _ in range(repeats + 1):

@@ -46,7 +46,7 @@ def hlo_report(llm) -> dict:
 
     r0 = _runners(llm)[0]
     bucket = max(b for b in r0.compiled_buckets() if b[1] == 1)
-    txt = r0._programs[bucket].as_text()
+    txt = r0.programs[bucket].as_text()
     found = {c: len(re.findall(rf"= [^\n]*? {c}(?:-start)?\(", txt)) for c in COLLECTIVES}
     weights = full_matrix_shapes(r0.params)
     bad = []

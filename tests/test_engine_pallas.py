@@ -114,7 +114,7 @@ def test_engine_pallas_matmul_matches_xla(llm_factory, quant):
     assert pal.engine.runner.params["layers"]["wq"].kernel is not None
     assert xla.engine.runner.params["layers"]["wq"].kernel is None
     bits = 8 if quant["quantization"] == "int8" else 4
-    assert f"jaxserve_qmm_int{bits}_tpu" in pal.engine.runner._programs[(1, 1)].as_text()
+    assert f"jaxserve_qmm_int{bits}_tpu" in pal.engine.runner.programs[(1, 1)].as_text()
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
     prompts = _prompts(xla.model_config.vocab_size, [1, 5, 23, 40], seed=13)
     _compare(xla.generate(prompts, sp), pal.generate(prompts, sp), 6)
