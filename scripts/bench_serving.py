@@ -6,7 +6,7 @@ transformers' batched `generate` as an outside baseline, on Gemma 3 270M (the em
     python scripts/bench_serving.py --quick         # smoke test: 16 requests, short lengths, sweep 1 4 16
     python scripts/bench_serving.py --no-hf --no-static --sweep 1 8 64 --rate 0.5
 
-`--help` says what is measured and lists the knobs. The code is the importable package benchmarks/serving/
+`--help` says what is measured and lists the knobs. The code is the importable package scripts/serving_bench/
 (workload, driver, hf, report, suite), which tests/test_bench_serving.py runs on a tiny random model.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.serving.suite import main  # noqa: E402
+from serving_bench.suite import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

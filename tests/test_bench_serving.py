@@ -1,4 +1,4 @@
-"""benchmarks/serving (scripts/bench_serving.py): the workload generator, the metric functions and the measuring loop, on a tiny
+"""scripts/serving_bench (scripts/bench_serving.py): the workload generator, the metric functions and the measuring loop, on a tiny
 random model (fast; no torch)."""
 
 import contextlib
@@ -6,11 +6,15 @@ import dataclasses
 import math
 from types import SimpleNamespace
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
-from benchmarks import serving as bs
-from tests.conftest import TINY_KW, get_llm
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import serving_bench as bs  # noqa: E402
+from tests.conftest import TINY_KW, get_llm  # noqa: E402
 
 CORPUS = list(range(3, 500)) * 4  # token ids inside tiny-llama's 512-token vocabulary
 SPEC = bs.WorkloadSpec(num_requests=12, prompt_median=24, prompt_sigma=1.0, prompt_min=4, prompt_max=64,

@@ -1,5 +1,5 @@
 """HF transformers' batched `generate` on a workload, the outside baseline, always in a process of its own
-(`python -m benchmarks.serving.hf SRC DST BATCH` is the worker)."""
+(`python -m serving_bench.hf SRC DST BATCH` is the worker)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Sequence
 
-from benchmarks.serving.workload import BenchRequest
+from serving_bench.workload import BenchRequest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -65,8 +65,10 @@ def run_hf_subprocess(requests: Sequence[BenchRequest], batch_size: int) -> dict
         src, dst = os.path.join(d, "requests.json"), os.path.join(d, "hf.json")
         with open(src, "w") as f:
             json.dump([dataclasses.asdict(r) for r in requests], f)
-        p = subprocess.run([sys.executable, "-m", "benchmarks.serving.hf", src, dst, str(batch_size)],
-                           cwd=ROOT, capture_output=True, text=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(ROOT, "scripts"), ROOT,
+                                                                         os.environ.get("PYTHONPATH")])))
+        p = subprocess.run([sys.executable, "-m", "serving_bench.hf", src, dst, str(batch_size)],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
         if p.returncode != 0:
             tail = p.stderr.strip().splitlines()[-1:] or ["no output"]
             if "ModuleNotFoundError" in p.stderr or "ImportError" in p.stderr:

@@ -30,7 +30,7 @@ to notice an arrival; TPOT = (last token - first token) / (output tokens - 1) pe
 linear interpolation between order statistics (numpy's default), so p99 of 64 values is near the maximum.
 
 Writes `<out-dir>/bench_serving.json` (command, machine, engine config of every run, per-request records)
-and prints Markdown tables. Every piece is importable from benchmarks/serving/ (the model name is a parameter),
+and prints Markdown tables. Every piece is importable from scripts/serving_bench/ (the model name is a parameter),
 so `tests/test_bench_serving.py` runs them on a tiny random model."""
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ import os
 import sys
 import time
 
-from benchmarks.serving.driver import (describe_engine, engine_kwargs, make_llm, release, replay_schedule,
+from serving_bench.driver import (describe_engine, engine_kwargs, make_llm, release, replay_schedule,
                                        run_prefix_experiment, run_workload, run_workload_http, warm_up)
-from benchmarks.serving.hf import run_hf_subprocess
-from benchmarks.serving.report import _f, _loadavg, machine_info, offline_ceiling, plot_sweep, print_report
-from benchmarks.serving.workload import (WorkloadSpec, corpus_token_ids, decode_step_bound, make_prefix_workload,
+from serving_bench.hf import run_hf_subprocess
+from serving_bench.report import _f, _loadavg, machine_info, offline_ceiling, plot_sweep, print_report
+from serving_bench.workload import (WorkloadSpec, corpus_token_ids, decode_step_bound, make_prefix_workload,
                                          make_workload, poisson_arrivals, workload_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from benchmarks.serving.report import percentile
+from serving_bench.report import percentile
 
 
 @dataclass

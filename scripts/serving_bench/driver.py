@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from benchmarks.serving.report import summarize
-from benchmarks.serving.workload import BenchRequest, WorkloadSpec
+from serving_bench.report import summarize
+from serving_bench.workload import BenchRequest, WorkloadSpec
 
 
 def _engine_counters(engine) -> dict:
