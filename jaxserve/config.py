@@ -57,7 +57,7 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_ids: tuple = (2,)
     pad_token_id: int = 0
-    chat_template: Optional[str] = None  # name of a template in jaxserve.tokenizer.CHAT_TEMPLATES
+    chat_template: Optional[str] = None  # name of a template in jaxserve.weights.tokenizer.CHAT_TEMPLATES
 
     # ---- derived quantities (the only place they are computed) ----
     @property

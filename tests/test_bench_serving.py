@@ -60,7 +60,7 @@ def test_default_workload_spec_meets_the_brief():
 
 def test_corpus_is_real_text_tokenized_by_the_model_tokenizer():
     from jaxserve.config import PRESETS
-    from jaxserve.tokenizer import tokenizer_for_config
+    from jaxserve.weights.tokenizer import tokenizer_for_config
 
     text = bs.corpus_text()
     assert len(text) > 100_000 and "the" in text.split()

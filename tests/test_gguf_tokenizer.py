@@ -15,7 +15,7 @@ import json
 import pytest
 
 from jaxserve.errors import CheckpointError
-from jaxserve.tokenizer import Tokenizer, make_random_model_tokenizer
+from jaxserve.weights.tokenizer import Tokenizer, make_random_model_tokenizer
 from jaxserve.weights.gguf_tokenizer import derive_merges, tokenizer_from_gguf
 
 gguf = pytest.importorskip("gguf")

@@ -389,7 +389,7 @@ class _StubEngine:
     def __init__(self):
         import types
 
-        from jaxserve.tokenizer import make_random_model_tokenizer
+        from jaxserve.weights.tokenizer import make_random_model_tokenizer
 
         self.tokenizer = make_random_model_tokenizer(512, bos_id=1, eos_ids=(2,), chat_template="llama3")
         self.max_model_len = 256

@@ -7,7 +7,7 @@ import pytest
 
 from jaxserve.config import PRESETS
 from jaxserve.errors import CheckpointError, InvalidPromptError
-from jaxserve.tokenizer import CHAT_TEMPLATES, IncrementalDetokenizer, Tokenizer, tokenizer_for_config
+from jaxserve.weights.tokenizer import CHAT_TEMPLATES, IncrementalDetokenizer, Tokenizer, tokenizer_for_config
 
 MULTIBYTE = "Grüße, 世界! Emoji: 😀🫠👩‍👩‍👧 — naïve café ∑∫ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 한국어 العربية"
 

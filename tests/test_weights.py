@@ -415,7 +415,7 @@ def test_safetensors_matches_transformers_forward(tmp_path, family):
 
 # ---------------------------------------------------------------------------------------------- orbax
 def test_orbax_round_trip(tmp_path):
-    from jaxserve.tokenizer import tokenizer_for_config
+    from jaxserve.weights.tokenizer import tokenizer_for_config
 
     cfg = PRESETS["tiny-gemma3"]
     params = make_params(cfg, seed=7)
@@ -437,7 +437,7 @@ def test_orbax_round_trip(tmp_path):
 
 
 def test_orbax_tokenizer_json_text_uses_config_meta(tmp_path):
-    from jaxserve.tokenizer import tokenizer_for_config
+    from jaxserve.weights.tokenizer import tokenizer_for_config
 
     cfg = PRESETS["tiny-llama"]
     save_converted(str(tmp_path), cfg, make_params(cfg), tokenizer_for_config(cfg).to_json())

@@ -144,7 +144,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed, priority,
                            self.model_cfg.eos_token_ids, self.max_model_len)
             if self.tokenizer is not None:
-                from jaxserve.tokenizer import IncrementalDetokenizer
+                from jaxserve.weights.tokenizer import IncrementalDetokenizer
 
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
             seqs.append(seq)

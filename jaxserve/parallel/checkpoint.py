@@ -27,7 +27,7 @@ from jaxserve.weights import checkpoint as ckpt
 
 def load_config_and_tokenizer(path: str):
     """(ModelConfig, Tokenizer or None) of a converted directory, without touching its params."""
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights.tokenizer import Tokenizer
 
     cfg = ckpt.load_converted_config(path)
     tok = None

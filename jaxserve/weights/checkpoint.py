@@ -56,7 +56,7 @@ def save_converted(out_dir: str, config: ModelConfig, params: dict, tokenizer_js
         out_dir: target directory.
         config: the model's ModelConfig.
         params: the params pytree (numpy or jax arrays; saved as they are, normally float32).
-        tokenizer_json: the `tokenizer.json` text, or a `jaxserve.tokenizer.Tokenizer` (then its special ids
+        tokenizer_json: the `tokenizer.json` text, or a `jaxserve.weights.tokenizer.Tokenizer` (then its special ids
             and chat template are saved too), or None. With text only, the meta comes from `config`.
         source: free text recorded in the marker (where the weights came from).
         quant_method: for quantized params, how they were made ("rtn", "gptq"), recorded in jaxserve_quant.json.
@@ -268,7 +268,7 @@ def _check_shapes(where: str, config: ModelConfig, params: dict) -> None:
 
 def load_converted(path: str) -> tuple:
     """`(config, params, tokenizer)` from a converted directory; tokenizer is None if none was saved."""
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights.tokenizer import Tokenizer
 
     path = os.fspath(path)
     if not os.path.isdir(path):

@@ -50,7 +50,7 @@ class ResolvedModel:
 
     config: ModelConfig
     params: Union[dict, Callable[[], dict]]
-    tokenizer: Optional[object]  # jaxserve.tokenizer.Tokenizer
+    tokenizer: Optional[object]  # jaxserve.weights.tokenizer.Tokenizer
     source: str
     timings: dict = field(default_factory=dict)
 
@@ -125,7 +125,7 @@ def _resolve_path(path: str) -> ResolvedModel:
 
 
 def _resolve_converted(path: str) -> ResolvedModel:
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights.tokenizer import Tokenizer
     from jaxserve.weights.checkpoint import load_converted_config, load_converted_params, tokenizer_defaults
 
     config = load_converted_config(path)
@@ -158,7 +158,7 @@ def _resolve_converted(path: str) -> ResolvedModel:
 
 
 def _resolve_hf_dir(path: str) -> ResolvedModel:
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights.tokenizer import Tokenizer
     from jaxserve.weights.checkpoint import tokenizer_defaults
     from jaxserve.weights.safetensors_loader import load_hf_dir
 
@@ -174,7 +174,7 @@ def _resolve_hf_dir(path: str) -> ResolvedModel:
 
 def _gguf_tokenizer(gguf_path: str, config_ids: dict, cache_dir: Optional[str] = None):
     """Tokenizer for a GGUF: from `cache_dir/tokenizer.json` if present, else converted (and cached)."""
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights.tokenizer import Tokenizer
 
     if cache_dir is None:  # key by path, size and mtime: a changed file gets a new tokenizer
         st = os.stat(gguf_path)
@@ -266,7 +266,7 @@ def _marker_stamp(out: str):
 
 def _convert_embedded(name: str, out: str) -> ResolvedModel:
     """Dequantize the embedded GGUF, build its tokenizer (in parallel), save both to `out` atomically."""
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights.tokenizer import Tokenizer
     from jaxserve.weights.checkpoint import is_converted, save_converted, tokenizer_defaults
     from jaxserve.weights.gguf_loader import load_gguf
 
@@ -315,7 +315,7 @@ def _convert_embedded(name: str, out: str) -> ResolvedModel:
 
 # ------------------------------------------------------------------------------------------------ random
 def _resolve_random(config: ModelConfig, seed: int, on_device: bool = False) -> ResolvedModel:
-    from jaxserve.tokenizer import tokenizer_for_config
+    from jaxserve.weights.tokenizer import tokenizer_for_config
 
     t0 = time.perf_counter()
     tok = tokenizer_for_config(config)
