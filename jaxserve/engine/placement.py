@@ -84,7 +84,7 @@ class Placement:
 
     def place_params(self, params, dtype) -> dict:
         """Host (numpy) or global params -> global arrays in this placement's layout; float leaves cast to `dtype`,
-        quantized weights (weights/quantize.py) kept in their own dtypes (int values, f32 scales). On one device
+        quantized weights (models/quantized.py) kept in their own dtypes (int values, f32 scales). On one device
         of XLA:CPU the bf16 layer weights are then held as their bits (`pack_bf16_layers`); a mesh's programs keep
         them bf16 (tests/mesh_export.py exports those programs for TPU / GPU)."""
         shard = self.param_shardings(params)

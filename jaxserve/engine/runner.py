@@ -169,7 +169,7 @@ def bind_matmul_for(params, engine_cfg: EngineConfig, placement: Optional[Placem
                     platform: Optional[str] = None):
     """`EngineConfig.matmul_impl` applied to the (placed) params' quantized weights: "pallas" (or "auto" on
     TPU / GPU) runs them through pallas_kernels/quant_matmul.py (under shard_map on a placement's mesh of several
-    devices; default placement: one device); "xla" keeps jaxserve.weights.quantize's formulation."""
+    devices; default placement: one device); "xla" keeps the XLA formulation of models/quantized.py."""
     impl = _kernel_impl(engine_cfg, "matmul_impl", platform)
     if impl == "xla":
         return params
@@ -202,7 +202,7 @@ class ModelRunner:
         dtype = jnp.dtype(engine_cfg.dtype)
         t0 = time.monotonic()
         params = ensure_quantized(params, engine_cfg)  # no-op unless EngineConfig.quantization is set
-        # Float leaves are cast to the engine dtype; quantized leaves (weights/quantize.py) keep their own.
+        # Float leaves are cast to the engine dtype; quantized leaves (models/quantized.py) keep their own.
         self.params = bind_matmul_for(placement.place_params(params, dtype), engine_cfg, placement)
         self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         self.load_seconds = time.monotonic() - t0

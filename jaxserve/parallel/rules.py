@@ -79,7 +79,7 @@ def _spec_of(w, spec: P):
 
 
 def quantized_spec(w, spec: P):
-    """The specs of a quantized weight (weights/quantize.py) whose float [..., K, N] form would get `spec`.
+    """The specs of a quantized weight (models/quantized.py) whose float [..., K, N] form would get `spec`.
 
     int8: `w_q` [..., K, N] as the float weight, per-column `scales` [..., N] split with N. int4: `w_q`
     [..., K/2, N] splits N like the float weight, and K (row-parallel wo / w_down) as whole packed rows: a
