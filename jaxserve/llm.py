@@ -9,10 +9,9 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.outputs import RequestOutput
 from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError
 from jaxserve.sampling_params import SamplingParams
 
@@ -39,7 +38,7 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, random_weights: Union[bool, str] = False, tokenizer=None,
-                 compile_guard: str = "raise", mesh=None, speculative: Optional[dict] = None, **engine_kwargs):
+                 mesh=None, speculative: Optional[dict] = None, **engine_kwargs):
         from jaxserve.engine.runner import enable_persistent_cache
         from jaxserve.parallel.engine import build_engine, compile_engine
 

@@ -16,7 +16,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput

@@ -38,12 +38,6 @@ class ShardedPlacement(Placement):
         return rules.kv_spec(self.cfg, self.t, self.stage_axis)
 
 
-def step_hlo(runner, bucket) -> str:
-    """Optimized (post-SPMD-partitioning) HLO text of one bucket's compiled program (tests, debugging)."""
-    prog = runner._programs[bucket]
-    return prog.as_text()
-
-
 MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 

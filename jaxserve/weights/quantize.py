@@ -8,7 +8,6 @@ jaxserve/weights/calibrate.py; quantized checkpoints are saved and restored by j
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
@@ -93,12 +92,6 @@ def quantize_params(params: dict, scheme: str, group_size: int = DEFAULT_GROUP_S
         else:
             out["embed"] = q("embed", np.asarray(params["embed"], np.float32).T)
     return out
-
-
-def params_nbytes(params) -> int:
-    """Bytes of every array of a params pytree (quantized leaves: packed values + scales)."""
-    leaves = jax.tree_util.tree_leaves(params)
-    return int(sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in leaves))
 
 
 def resident_nbytes(params) -> int:
