@@ -207,8 +207,6 @@ class ModelRunner:
         self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         self.load_seconds = time.monotonic() - t0
         self._programs: dict = {}
-        self._warm_count: Optional[int] = None
-        self._empty_history = {}
 
     # -------------------------------------------------------------- step functions
     def forward(self, params, kv, inp: StepInputs, all_logits: bool = False):
@@ -299,7 +297,6 @@ class ModelRunner:
         t0 = time.monotonic()
         todo = [b for b in self.buckets() if b not in self._programs]
         self._programs.update(self.compile(self.sample_step, todo, progress=progress))
-        self._warm_count = compile_count()
         return time.monotonic() - t0
 
     # -------------------------------------------------------------- one step

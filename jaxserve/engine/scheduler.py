@@ -240,7 +240,7 @@ class Scheduler:
                 self._admit(seq)
                 if not try_add(seq):
                     # Not enough pages: put it back (keeping the order) unless interactive can evict batch.
-                    if self._make_room_for(seq, preempted, rows, need_pages=True) and try_add(seq):
+                    if self._make_room_for(seq, preempted, rows) and try_add(seq):
                         continue
                     self.running.remove(seq)
                     self.bm.free(seq.seq_id)
@@ -253,7 +253,7 @@ class Scheduler:
         r_bucket = bucket_for([r for r, q in self.prefill_ladder if q == q_bucket], len(rows))
         return SchedulerOutput("prefill", rows, (r_bucket, q_bucket))
 
-    def _make_room_for(self, seq: Sequence, preempted: list, rows: list, need_pages: bool = False) -> bool:
+    def _make_room_for(self, seq: Sequence, preempted: list, rows: list) -> bool:
         """Interactive requests may preempt running batch work (newest first)."""
         if seq.priority != Priority.INTERACTIVE or self.mode != "continuous":
             return False

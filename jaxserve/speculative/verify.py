@@ -1,7 +1,7 @@
 """Verification: k drafted tokens checked by one target forward over the paged cache, exactly.
 
 A verify step is an (R, K + 1) program: row i feeds [last known token, d_1 .. d_k_i] (k_i <= K per row, the rest
-padding), the model returns logits at every position, and the engine's own sampler (`sampling.sample`, with the
+padding), the model returns logits at every position, and the engine's own sampler (`engine/sampler.py: sample`, with the
 row's temperature / top-k / top-p / min-p / penalties / banned ids / seed) draws y_j at every position j from
 the target distribution given the prefix + d_1..d_j; penalty histories, `min_tokens` bans and the RNG step are
 per position, exactly as if d_1..d_j had been emitted. The row keeps y_0..y_a where a is the first j with
@@ -59,7 +59,6 @@ class Speculator:
         self.verify_rows = 0  # row-steps that verified >= 1 draft
         self.verify_steps = 0
         self.plain_steps = 0  # decode steps run without speculation (nothing drafted, or switched off)
-        self.emitted = 0
         self.accept_hist = [0] * (self.K + 1)  # row-steps by number of accepted drafts
 
     # -------------------------------------------------------------- programs
@@ -114,7 +113,6 @@ class Speculator:
             res = self.runner.execute("decode", rows, bucket)
             self.ctl.observe_cost("decode", R, time.perf_counter() - t0)
             self.plain_steps += 1
-            self.emitted += len(rows)
             return [[SampledToken(int(res.tokens[i]), float(res.logprobs[i]), res.top_ids[i], res.top_logprobs[i])]
                     for i in range(len(rows))]
         t0 = time.perf_counter()
@@ -136,7 +134,6 @@ class Speculator:
                 self.accepted += a
                 self.verify_rows += 1
                 self.accept_hist[a] += 1
-            self.emitted += a + 1
         self.proposer.after_verify(seqs, starts, [len(d) for d in drafts], acc)
         return out
 
