@@ -32,10 +32,10 @@ AXES = ("stage", "model")  # a replica's mesh axes (parallel/mesh.py adds "data"
 
 
 def device_mesh(device=None):
-    """The 1 x 1 ("stage", "model") mesh of one device (default: the first of `jax.devices()`)."""
+    """The 1 x 1 ("stage", "model") mesh of one device (default: this process's first, `jax.local_devices()[0]`)."""
     from jax.sharding import AxisType
 
-    device = jax.devices()[0] if device is None else device
+    device = jax.local_devices()[0] if device is None else device
     return jax.sharding.Mesh(np.array([[device]]), AXES, axis_types=(AxisType.Auto,) * 2)
 
 

@@ -53,7 +53,10 @@ def build_engine(model: str, engine_cfg: EngineConfig, mesh=None, *, random_weig
     from jaxserve.weights.checkpoint import is_converted
 
     t0 = time.monotonic()
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        # No mesh: this process's first device (in a multi-process run jax.devices()[0] may be another's).
+        devices = jax.local_devices()[:1] if mesh is None else jax.devices()
+    devices = list(devices)
     auto = isinstance(mesh, str) and mesh.strip().lower() == "auto"
     if not auto:
         _check_speculative_mesh(speculative, parse_mesh_spec(mesh))
