@@ -94,31 +94,6 @@ def run_steps(llm, batch: int, new_tokens: int) -> dict:
             "prompt_tokens": len(prompt_ids)}
 
 
-def step_only(llm, batch: int, context: int, repeats: int) -> float:
-    """Median ms of the compiled decode program of `batch`'s bucket alone, on fixed inputs (no host work but
-    the call and waiting for its result)."""
-    import jax
-
-    from jaxserve import SamplingParams
-    from jaxserve.engine.runner import SamplingRow
-
-    r = llm.engine.runner
-    bucket = min(b for b, q in r.buckets() if q == 1 and b >= batch)
-    per_seq = -(-context // r.page_size)
-    inp = r.step_inputs(bucket, 1, [([5], context - 1, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)))
-                                    for i in range(batch)])
-    st = r.sampling_inputs([SamplingRow(SamplingParams(temperature=0.0), [], 0, 0, 0, [])] * batch, bucket)
-    prog = r.programs[(bucket, 1)]
-    placed = r.place_inputs((inp, st))
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        res, r.kv = prog(r.params, r.kv, *placed)
-        jax.block_until_ready(res.tokens)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[1:])) * 1e3
-
-
 def generate_e2e(llm, batch: int, new_tokens: int) -> dict:
     """`LLM.generate` on `batch` copies of the prompt: decode tok/s from the moment every request has its first
     token to the last token, as a user of the Python API sees it."""
@@ -175,6 +150,9 @@ def main(argv=None) -> int:
 
     from jaxserve import LLM
 
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from device_check import time_compiled_step  # the compiled decode program alone, on fixed inputs
+
     result = {"machine": {"cpus": os.cpu_count()}, "rows": [], "command": " ".join(["python"] + sys.argv)}
     bw = measure_bandwidth()
     result["machine"]["copy_bandwidth_GBps"] = bw / 1e9
@@ -201,7 +179,7 @@ def main(argv=None) -> int:
                 samples[(config, b)].append(run_steps(engines[config], b, args.new_tokens))
                 if args.e2e:
                     e2e[(config, b)].append(dict(generate_e2e(engines[config], b, args.new_tokens),
-                                                 step_only_ms=step_only(engines[config], b, ctx_mid, 10)))
+                                                 step_only_ms=1e3 * time_compiled_step(engines[config], b, ctx_mid, 10)))
     for config in args.configs:
         llm = engines[config]
         for b in args.batches:

@@ -570,24 +570,22 @@ def timed_generate(llm, prompts, new_tokens):
 
 
 def time_compiled_step(llm, batch, context, repeats):
-    """Median seconds of the engine's compiled (batch, 1) decode program on fixed inputs: each row at `context`
-    on pages of its own, greedy sampling. Run with the engine idle; it overwrites those pages' last slots."""
+    """Median seconds of the engine's compiled decode program for `batch` rows (the smallest decode bucket that
+    holds them) on fixed inputs: each row at `context` on pages of its own, greedy sampling. Run with the engine
+    idle; it overwrites those pages' last slots. (scripts/bench_decode.py --e2e uses it too.)"""
     import jax
     import numpy as np
 
     from jaxserve import SamplingParams
-    from jaxserve.engine.sampler import SamplingTensors
-    from jaxserve.engine.sampling_inputs import build_sampling_arrays
+    from jaxserve.engine.runner import SamplingRow
 
     runner = llm.engine.runner
-    ps = runner.page_size
-    per_seq = math.ceil(context / ps)
+    bucket = min(b for b, q in runner.buckets() if q == 1 and b >= batch)
+    per_seq = math.ceil(context / runner.page_size)
     tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
-    inp = runner.step_inputs(batch, 1, [([5], context - 1, t) for t in tables])
-    st = SamplingTensors(**build_sampling_arrays([SamplingParams(temperature=0.0)] * batch, [[]] * batch,
-                                                 [0] * batch, [0] * batch, [None] * batch, [[]] * batch, batch,
-                                                 runner.H, runner.NB))
-    prog = runner.programs[(batch, 1)]          # the engine's own executable for this bucket
+    inp = runner.step_inputs(bucket, 1, [([5], context - 1, t) for t in tables])
+    st = runner.sampling_inputs([SamplingRow(SamplingParams(temperature=0.0), [], 0, 0, None, [])] * batch, bucket)
+    prog = runner.programs[(bucket, 1)]          # the engine's own executable for this bucket
     inputs = runner.place_inputs((inp, st))
     times = []
     for _ in range(repeats + 1):
