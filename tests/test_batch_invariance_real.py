@@ -38,6 +38,14 @@ def _run(llm, prompts, sps):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, sps, use_tqdm=False)]
 
 
+def _first_difference(ref, got, i):
+    (ta, la), (tb, lb) = ref[i], got[i]
+    j = next((j for j in range(min(len(ta), len(tb))) if ta[j] != tb[j] or la[j] != lb[j]), None)
+    if j is None:
+        return f"request {i}: {len(ta)} vs {len(tb)} tokens"
+    return f"request {i}: first at generated token {j}: {ta[j]} / {tb[j]}, logprobs {la[j]} / {lb[j]}"
+
+
 def test_real_model_outputs_identical_across_batching_modes(llm_factory, workload):
     base, prompts, sps = workload
     ref = _run(base, prompts, sps)
@@ -49,7 +57,8 @@ def test_real_model_outputs_identical_across_batching_modes(llm_factory, workloa
     for name, llm in (("preemption, no prefix cache", preempt), ("static", static)):
         got = _run(llm, prompts, sps)
         diff = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
-        assert not diff, f"{name}: requests {diff[:8]} differ"
+        assert not diff, f"{name}: requests {diff[:8]} differ ({_first_difference(ref, got, diff[0])}; " \
+                         f"dot tiling {llm.engine.runner.invariance})"
     assert preempt.engine.scheduler.num_preemptions > 0
     # One at a time (every step a batch of one) must agree too.
     solo = [_run(base, [p], [sp])[0] for p, sp in list(zip(prompts, sps))[:4]]

@@ -206,6 +206,14 @@ class ModelRunner:
         self.params = bind_matmul_for(placement.place_params(params, dtype), engine_cfg, placement)
         self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
         self.load_seconds = time.monotonic() - t0
+        # batch_invariant: the dot tiling measured exact on this machine (models/invariance.py), else False.
+        self.invariance = False
+        if engine_cfg.batch_invariant:
+            from jaxserve.models.invariance import choose_row_tiles
+
+            rows = {r * q for r, q in self.buckets() if q == 1} | {r for r, _ in self.buckets()}
+            self.invariance = choose_row_tiles(model_cfg, self.params, self.page_size, engine_cfg.attn_block_pages,
+                                               rows)
         self._programs: dict = {}
 
     # -------------------------------------------------------------- step functions
@@ -215,10 +223,10 @@ class ModelRunner:
         if all_logits:  # (verify steps; the pipeline's forward has no all-positions variant)
             return forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                 block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                batch_invariant=self.cfg.batch_invariant, all_logits=True)
+                                batch_invariant=self.invariance, all_logits=True)
         return self.placement.forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                       block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                      batch_invariant=self.cfg.batch_invariant)
+                                      batch_invariant=self.invariance)
 
     def sample(self, logits, st: SamplingTensors) -> SampleResult:
         """The engine's sampler over rows of logits f32[N, V] (N = the sampling tensors' rows)."""

@@ -10,6 +10,7 @@ Shapes: R sequences x Q new tokens per step, D hidden, Hq/Hkv heads, hd head dim
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -53,6 +54,32 @@ ATTN_M = 16
 ATTN_ROWS = 4
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTiles:
+    """How batch-invariant mode tiles its dots; `forward_step(batch_invariant=...)` takes one (True means the
+    default). Which tiling keeps a token's result independent of its step depends on the CPU's GEMM kernels
+    (YNNPACK on XLA:CPU picks them by ISA), so the runner checks the default on the machine it runs on and
+    falls back to the strict tiling where it fails (models/invariance.py)."""
+
+    min_rows: int = MIN_TILE_ROWS  # fewest rows a dense tile runs with (ROW_TILE: every dense on 32-row tiles)
+    pad_decode_queries: bool = False  # a one-token query goes through attention padded to the prefill tile
+
+    def __bool__(self) -> bool:
+        return True
+
+
+STRICT_TILES = RowTiles(min_rows=ROW_TILE, pad_decode_queries=True)
+
+
+def row_tiles(invariant) -> Optional[RowTiles]:
+    """The RowTiles a `batch_invariant` / `invariant` argument stands for (None: not invariant)."""
+    if not invariant:
+        return None
+    return invariant if isinstance(invariant, RowTiles) else RowTiles()
+
+
 def attn_query_tile(cfg: ModelConfig) -> int:
     g = cfg.num_heads // cfg.num_kv_heads
     t = max(1, ATTN_M // g)
@@ -60,19 +87,21 @@ def attn_query_tile(cfg: ModelConfig) -> int:
 
 
 def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = False):
-    """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant`, on 4..32-row tiles (see ROW_TILE).
+    """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant` (True or a RowTiles), on
+    min_rows..32-row tiles (see ROW_TILE).
 
     `w` may be a quantized weight (models/quantized.py: Int8Weight / Int4Weight), then `w.matmul`; a float one
     goes through `linear.float_matmul`."""
     mm = (lambda a: w.matmul(a, out_dtype)) if is_quantized(w) else (lambda a: float_matmul(a, w, out_dtype, transposed))
     n_out = w.shape[0] if transposed and not is_quantized(w) else w.shape[-1]
-    if not invariant:
+    tiles = row_tiles(invariant)
+    if tiles is None:
         return mm(x)
     lead, K = x.shape[:-1], x.shape[-1]
     M = math.prod(lead)
     x2 = x.reshape(M, K)
-    if M < MIN_TILE_ROWS:
-        y = mm(jnp.pad(x2, ((0, MIN_TILE_ROWS - M), (0, 0))))[:M]
+    if M < tiles.min_rows:
+        y = mm(jnp.pad(x2, ((0, tiles.min_rows - M), (0, 0))))[:M]
     elif M <= ROW_TILE:
         y = mm(x2)
     else:
@@ -234,9 +263,19 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
     With `batch_invariant`, rows go through in chunks of ATTN_ROWS (XLA:CPU's batched dots sum in an order
     that depends on the batch size) and queries in tiles of `attn_query_tile(cfg)` tokens.
     """
-    if not batch_invariant:
+    tiles = row_tiles(batch_invariant)
+    if tiles is None:
         return _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window,
                                 page_size=page_size, block_pages=block_pages, q_tile=q.shape[1], invariant=False)
+    Q = q.shape[1]
+    q_tile = min(Q, attn_query_tile(cfg))
+    if tiles.pad_decode_queries and Q % attn_query_tile(cfg):
+        # Decode rows (and short chunks) go through the same query tile as a prefill chunk: padding queries
+        # (position -1) see no keys and come out as zeros, dropped below.
+        q_tile = attn_query_tile(cfg)
+        qpad = -Q % q_tile
+        q = jnp.pad(q, ((0, 0), (0, qpad), (0, 0), (0, 0)))
+        q_pos = jnp.pad(q_pos, ((0, 0), (0, qpad)), constant_values=-1)
     R = q.shape[0]
     pad = -R % ATTN_ROWS
     rows = (q, block_tables, kv_lens, q_pos)
@@ -244,12 +283,11 @@ def paged_attention_xla(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, 
         rows = tuple(jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], -1 if a is q_pos else 0, a.dtype)])
                      for a in rows)
     chunks = tuple(a.reshape((-1, ATTN_ROWS) + a.shape[1:]) for a in rows)
-    q_tile = min(q.shape[1], attn_query_tile(cfg))
     out = jax.lax.map(lambda c: _paged_attention(cfg, c[0], k_cache, v_cache, layer, c[1], c[2], c[3], window,
                                                  page_size=page_size, block_pages=block_pages, q_tile=q_tile,
                                                  invariant=True),
                       chunks)
-    return out.reshape((-1,) + q.shape[1:])[:R]
+    return out.reshape((-1,) + q.shape[1:])[:R, :Q]
 
 
 def _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
