@@ -4,10 +4,12 @@
     python scripts/run_tests.py                 # every tests/test_*.py, slow ones included, a process per file
     python scripts/run_tests.py -m "not slow"   # extra arguments go to pytest
     python scripts/run_tests.py tests/test_engine.py tests/test_api.py
+    python scripts/run_tests.py --jobs 1        # one file at a time (default: 2 side by side, see _default_jobs)
     python scripts/run_tests.py --one-process   # the whole suite in one pytest process (not the default: below)
 
 One pytest process per file is the default, the way CI has always run: a crash takes one file with it (a file
-whose process dies by a signal is run once more and the crash reported; test failures are never rerun).
+whose process dies by a signal is run once more and the crash reported; test failures are never rerun). Two
+files run side by side by default, the longest first (LAST_SECONDS), each file's output printed when it ends.
 
 `--one-process` shares the tiny models' compiled engines across files (tests/conftest.py). A plugin records
 each file as it completes; if the process dies by a signal, the files it had not completed are rerun one
@@ -144,34 +146,84 @@ def run_one_process(files: list, extra: list) -> int:
     return _summary(results, time.monotonic() - t_all)
 
 
-def run_per_file(files: list, extra: list) -> int:
+# Seconds per file in the last full CI run (one file at a time, 2 cores), to start the longest first when files
+# run side by side; a file not listed counts as a minute. Only the order depends on it.
+LAST_SECONDS = {
+    "test_parallel": 805, "test_speculative_distribution": 390, "test_engine_pallas": 385, "test_speculative_real": 383,
+    "test_batch_invariance_real": 352, "test_batch_invariance": 296, "test_pallas_mesh": 258, "test_quant": 258,
+    "test_bf16": 185, "test_speculative": 160, "test_engine": 145, "test_device_check": 127, "test_no_torch": 117,
+    "test_eval_quality": 97, "test_weights": 93, "test_pallas_prefill": 89, "test_gemma3_real": 83,
+}
+
+
+def _default_jobs() -> int:
+    """Two files side by side on a machine with 2+ cores and 16+ GiB: an XLA compile runs on one core, so a
+    lone pytest process leaves the second core idle much of the time (each real-model process peaks at a few
+    GiB)."""
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        mem_gib = 0
+    return 2 if (os.cpu_count() or 1) >= 2 and mem_gib >= 16 else 1
+
+
+def _start(path: str, extra: list, log_dir: str):
+    log = open(os.path.join(log_dir, os.path.basename(path) + ".log"), "w+")
+    proc = subprocess.Popen(_pytest_cmd([path], extra), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc, log, time.monotonic()
+
+
+def run_per_file(files: list, extra: list, jobs: int = 1) -> int:
+    """One pytest process per file, `jobs` of them at a time (longest first); each file's output is printed
+    whole when it ends. A file whose process dies by a signal is run once more."""
     t_all = time.monotonic()
-    results = []
-    for path in files:
-        print(f"==> {path}", flush=True)
-        rc, dt = _run([path], extra)
-        note = ""
-        crash = _crash_name(rc)
-        if crash:
-            print(f"!!! {path}: the pytest process died ({crash}); running the file once more", flush=True)
-            rc, dt2 = _run([path], extra)
-            dt += dt2
-            note = f"crashed once ({crash}), rerun rc={rc}"
-        results.append((path, rc in OK_CODES, dt, note))
-    return _summary(results, time.monotonic() - t_all)
+    log_dir = tempfile.mkdtemp(prefix="jaxserve-test-logs-")
+    key = lambda f: -LAST_SECONDS.get(os.path.splitext(os.path.basename(f))[0], 60)  # noqa: E731
+    todo = sorted(files, key=key) if jobs > 1 else list(files)
+    running, done, reruns = {}, {}, {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            path = todo.pop(0)
+            running[path] = _start(path, extra, log_dir)
+        time.sleep(0.2)
+        for path, (proc, log, t0) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[path]
+            log.seek(0)
+            print(f"==> {path}" + (" (rerun)" if path in reruns else ""), flush=True)
+            sys.stdout.write(log.read())
+            log.close()
+            dt = time.monotonic() - t0 + reruns.get(path, (0.0, ""))[0]
+            crash = _crash_name(rc)
+            if crash and path not in reruns:
+                print(f"!!! {path}: the pytest process died ({crash}); running the file once more", flush=True)
+                reruns[path] = (dt, crash)
+                todo.insert(0, path)
+                continue
+            note = f"crashed once ({reruns[path][1]}), rerun rc={rc}" if path in reruns else ""
+            done[path] = (path, rc in OK_CODES, dt, note)
+    return _summary([done[f] for f in files], time.monotonic() - t_all)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     one_process = "--one-process" in argv
     argv = [a for a in argv if a != "--one-process"]
+    jobs = _default_jobs()
+    if "--jobs" in argv:
+        i = argv.index("--jobs")
+        jobs = max(1, int(argv[i + 1]))
+        del argv[i:i + 2]
     files = [a for a in argv if a.endswith(".py") and os.path.exists(os.path.join(ROOT, a))]
     extra = [a for a in argv if a not in files]
     files = files or sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
     if os.environ.get("CI") and "JAXSERVE_CACHE" not in os.environ:
         # CI: one private, initially empty cache (converted checkpoint, tokenizer) for all the files in turn.
         os.environ["JAXSERVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-ci-cache-")
-    return run_one_process(files, extra) if one_process else run_per_file(files, extra)
+    return run_one_process(files, extra) if one_process else run_per_file(files, extra, jobs)
 
 
 if __name__ == "__main__":
