@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 from jaxserve.errors import InvalidSamplingParamsError
+
+
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (a fixed-shape sampler input)
 
 
 @dataclass
@@ -17,6 +20,13 @@ class SamplingParams:
     (OpenAI semantics) to output tokens. `seed` makes a request's samples reproducible whatever else is in
     its batch. `stop` strings are excluded from the returned text; `stop_token_ids` are added to the
     model's EOS ids unless `ignore_eos`. `logprobs=n` returns the sampled token's logprob and the top-n.
+
+    Logit controls (OpenAI / vLLM semantics; applied after the penalties, before temperature and the filters;
+    logprobs stay those of the raw model distribution): `logit_bias` {token id: bias in [-100, 100]} (at most
+    MAX_LOGIT_BIAS entries) is added to the logits; `allowed_token_ids` restricts sampling to those ids;
+    `bad_words` are never generated (a one-token word's id is banned; for a longer word, its last token is
+    banned whenever the output ends with the rest of it; each word is matched as written and with a leading
+    space).
     """
 
     n: int = 1
@@ -36,6 +46,9 @@ class SamplingParams:
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[Dict[int, float]] = None
+    allowed_token_ids: Optional[Sequence[int]] = None
+    bad_words: Optional[Sequence[str]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +57,22 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         if self.top_k is None or self.top_k < 0:
             self.top_k = 0
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidSamplingParamsError("logit_bias must be a map of token id to bias")
+            try:  # OpenAI clients send the ids as strings
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise InvalidSamplingParamsError("logit_bias must map integer token ids to numbers") from None
+        if self.allowed_token_ids is not None:
+            try:
+                self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+            except (TypeError, ValueError):
+                raise InvalidSamplingParamsError("allowed_token_ids must be a list of integer token ids") from None
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         self.validate()
 
     def validate(self, max_logprobs: int = 20) -> None:
@@ -76,10 +105,33 @@ class SamplingParams:
             bad(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a non-empty string or a list of non-empty strings")
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+            if any(not (-100.0 <= v <= 100.0) for v in self.logit_bias.values()):
+                bad("logit_bias values must be in [-100, 100]")
+            if any(t < 0 for t in self.logit_bias):
+                bad("logit_bias token ids must be >= 0")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or min(self.allowed_token_ids) < 0):
+            bad("allowed_token_ids must be a non-empty list of token ids >= 0")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            bad("bad_words must be a list of non-empty strings")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The token ids named here exist in a vocabulary of `vocab_size` (the engine calls this)."""
+        ids = list(self.logit_bias or ()) + list(self.allowed_token_ids or ())
+        if ids and max(ids) >= vocab_size:
+            raise InvalidSamplingParamsError(
+                f"token id {max(ids)} in logit_bias / allowed_token_ids is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_token_mask(self) -> bool:
+        """Whether some tokens are excluded outright (allowed_token_ids / bad_words)."""
+        return bool(self.allowed_token_ids) or bool(self.bad_words)
 
     @property
     def uses_history(self) -> bool:

@@ -31,14 +31,14 @@ _penalize = jax.jit(penalize)
 
 
 def arrays_for(params, *, hist=None, out_start=None, steps=None, seeds=None, banned=None, R=None, H=H_STD,
-               NB=NB_STD):
+               NB=NB_STD, masks=None):
     n = len(params)
     R = R or n
     return build_sampling_arrays(params, hist if hist is not None else [[]] * n,
                                  out_start if out_start is not None else [0] * n,
                                  steps if steps is not None else [0] * n,
                                  seeds if seeds is not None else list(range(n)),
-                                 banned if banned is not None else [[]] * n, R, H, NB)
+                                 banned if banned is not None else [[]] * n, R, H, NB, masks=masks)
 
 
 def pad_logits(logits, pad=True):
@@ -689,3 +689,38 @@ def test_row_count_not_a_multiple_of_the_chunk():
     b = run(x, params, pad=False, row_chunk=6)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.tokens[::2], x[::2].argmax(1))
+
+
+# ------------------------------------------------------------------------------------------------ logit controls
+
+
+def test_logit_bias_moves_the_choice_and_logprobs_stay_raw():
+    """Greedy follows the biased logits; the reported logprobs are those of the raw distribution (vLLM's
+    default), for the sampled token too when the bias changed its logit."""
+    rng = np.random.default_rng(3)
+    x = rand_logits(rng, 3, 20)
+    sps = [SP(temperature=0, logprobs=2, logit_bias={7: 100.0}), SP(temperature=0, logprobs=2,
+           logit_bias={int(x[1].argmax()): -100.0}), SP(temperature=0, logprobs=2)]
+    res = run(x, sps)
+    second = np.argsort(-x[1])[1]
+    assert res.tokens.tolist() == [7, second, x[2].argmax()]
+    lsm = x - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)) - x.max(1, keepdims=True)
+    np.testing.assert_allclose(res.logprob, lsm[np.arange(3), res.tokens], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(res.top_ids[:, :2], np.argsort(-x, axis=1)[:, :2])  # raw top-n
+
+
+def test_token_mask_restricts_greedy_and_random_rows():
+    from jaxserve.engine.sampling_inputs import pack_token_mask
+
+    V = 24
+    allowed = [2, 5, 17]
+    logits = np.linspace(3, 0, V).astype(np.float32)  # id 0 is the raw favourite
+    m = pack_token_mask(allowed, V)
+    res = run(np.stack([logits, logits]), [SP(temperature=0), SP(temperature=0)], masks=[m, None])
+    assert res.tokens.tolist() == [2, 0]  # masked row: the best allowed id; its neighbour untouched
+    toks = draw(logits, SP(temperature=1.0), masks=[m] * N_DRAW)
+    counts = Counter(toks.tolist())
+    assert set(counts) == set(allowed)
+    p = softmax(logits[allowed])  # renormalised over the allowed ids
+    chi2 = sum((counts[a] - N_DRAW * q) ** 2 / (N_DRAW * q) for a, q in zip(allowed, p))
+    assert chi2 < 18.4  # chi-square, 2 degrees of freedom, 99.99%

@@ -57,6 +57,9 @@ class _Server:
             "hello": llm.generate(["Hello there"], _greedy(8), use_tqdm=False)[0],
             "stop": llm.generate(["the quick brown"], _greedy(24), use_tqdm=False)[0].outputs[0].text,
             "chat": llm.chat(CHAT, _greedy(10), use_tqdm=False)[0],
+            "bias": llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                                 logit_bias={42: 8.0, 7: -100.0}),
+                                 use_tqdm=False)[0].outputs[0].token_ids,
         }
         self.load_ref = [o.outputs[0].text for o in llm.generate(
             [_load_prompt(i) for i in range(N_LOAD)], [_greedy(6 + i % 7) for i in range(N_LOAD)], use_tqdm=False)]
@@ -126,6 +129,19 @@ def test_completion_equals_offline(srv):
     assert r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
     assert r.usage.completion_tokens == 8 and r.usage.total_tokens == 8 + len(ref.prompt_token_ids)
+
+
+def test_logit_bias_and_tokenizer_endpoints(srv):
+    r = srv.client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=0,
+                                      logit_bias={"42": 8, "7": -100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == srv.llm.tokenizer.decode(srv.ref["bias"])  # as LLM.generate with the same bias
+    tok = srv.http.post("/tokenize", json={"model": MODEL, "prompt": "Hello there"}).json()
+    assert tok["tokens"] == srv.llm.tokenizer.encode("Hello there") and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == srv.llm.engine.max_model_len
+    chat = srv.http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+    assert chat == list(srv.ref["chat"].prompt_token_ids)  # the chat template, as /v1/chat/completions applies it
+    back = srv.http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
+    assert back == srv.llm.tokenizer.decode(tok["tokens"], skip_special_tokens=False)
 
 
 def test_completion_stream(srv):
@@ -241,7 +257,11 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(srv):
     _err(h.post(url, json={**good, "prompt": list(range(3, 3 + MAX_PROMPT + 1))}), 400, "context_length_exceeded")
     _err(h.post(url, json={**good, "prompt": "word " * 600}), 400, "context_length_exceeded")
     _err(h.post(url, json={**good, "max_tokens": MAX_TOKENS + 1}), 400, None, "max_tokens")
-    _err(h.post(url, json={**good, "logit_bias": {"5": 3}}), 400, "unsupported_parameter")
+    _err(h.post(url, json={**good, "logit_bias": {"5": 300}}), 400, None, "logit_bias")
+    _err(h.post(url, json={**good, "logit_bias": [5]}), 400, "invalid_type", "logit_bias")
+    _err(h.post(url, json={**good, "allowed_token_ids": [10 ** 9]}), 400)
+    _err(h.post("/tokenize", json={"prompt": 5}), 400, "invalid_type", "prompt")
+    _err(h.post("/detokenize", json={"tokens": [-1]}), 400, None, "tokens")
     _err(h.post("/v1/nothing", json=good), 404)
     _err(h.post(url, json=good, headers={"Authorization": ""}), 401, "invalid_api_key")
     _err(httpx.post(srv.url + url, json=good), 401, "invalid_api_key")

@@ -21,6 +21,7 @@ from typing import Optional, Union
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.engine.request import Priority, SampledToken, Sequence
+from jaxserve.engine.sampling_inputs import request_token_mask
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError
 from jaxserve.sampling_params import SamplingParams
@@ -123,6 +124,14 @@ class LLMEngine:
         priority = Priority.parse(priority)
         if params.min_tokens and len(set(params.stop_token_ids) | set(self.model_cfg.eos_token_ids)) > 16:
             raise InvalidSamplingParamsError("min_tokens supports at most 16 stop token ids (EOS included)")
+        params.check_vocab(self.model_cfg.vocab_size)
+        token_mask, bad_word_ids = None, []
+        if params.has_token_mask:
+            if params.bad_words and self.tokenizer is None:
+                raise InvalidSamplingParamsError("bad_words need a tokenizer; this engine has none")
+            token_mask, bad_word_ids = request_token_mask(
+                params, self.model_cfg.vocab_size,
+                encode=(lambda t: self.tokenizer.encode(t, add_bos=False)) if self.tokenizer is not None else None)
         prompt_ids = self.tokenize_prompt(prompt)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidPromptError(
@@ -143,6 +152,7 @@ class LLMEngine:
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(31)
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed, priority,
                            self.model_cfg.eos_token_ids, self.max_model_len)
+            seq.token_mask, seq.bad_word_ids = token_mask, bad_word_ids
             if self.tokenizer is not None:
                 from jaxserve.weights.tokenizer import IncrementalDetokenizer
 

@@ -90,6 +90,9 @@ class Sequence:
         self.stop_reason = None
         self.output_text = ""
         self.detokenizer = None
+        # allowed_token_ids / bad_words (sampling_inputs.request_token_mask; set by the engine at admission)
+        self.token_mask = None
+        self.bad_word_ids: list = []
         self.metrics = SeqMetrics()
         self.eos_token_ids = tuple(eos_ids)
         self.max_len = max_len  # the engine's context, tokens

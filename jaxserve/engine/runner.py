@@ -27,7 +27,7 @@ import numpy as np
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.placement import Placement
 from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample
-from jaxserve.engine.sampling_inputs import build_sampling_arrays
+from jaxserve.engine.sampling_inputs import build_sampling_arrays, mask_words, step_token_mask
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step
 from jaxserve.weights.quantize import ensure_quantized
@@ -56,6 +56,7 @@ class SamplingRow(NamedTuple):
     step: int
     seed: int
     banned: list
+    mask: object = None  # packed token mask (sampling_inputs.step_token_mask) or None
 
 # ------------------------------------------------------------------------------------------------
 # Compilation accounting and the persistent cache
@@ -196,6 +197,7 @@ class ModelRunner:
         self.P = engine_cfg.pages_per_seq(model_cfg)
         self.H = engine_cfg.model_len(model_cfg)  # history width for penalties
         self.NB = 16  # banned ids per row (EOS/stop ids while min_tokens is unmet; checked at admission)
+        self.W = mask_words(model_cfg.vocab_size)  # packed token mask words per row
         self.max_logprobs = engine_cfg.max_logprobs
         self.attention_fn = (attention_fn if attention_fn is not None
                              else attention_fn_for(model_cfg, engine_cfg, placement))
@@ -259,7 +261,7 @@ class ModelRunner:
         inp = StepInputs(S((R, Q), i32), S((R, Q), i32), S((R,), i32), S((R,), i32), S((R, self.P), i32),
                          S((R, Q), i32))
         arrays = build_sampling_arrays([], [], [], [], [], [], R if sampled_rows is None else sampled_rows, self.H,
-                                       self.NB)
+                                       self.NB, W=self.W)
         return inp, SamplingTensors(**{k: S(v.shape, v.dtype) for k, v in arrays.items()})
 
     def buckets(self) -> list:
@@ -356,8 +358,8 @@ class ModelRunner:
         """Host sampling arrays of R rows. `entries`: per real row, a SamplingRow (params, token history for
         penalties, where the output starts in it, output index being sampled, seed, banned ids); padding rows
         are greedy."""
-        cols = list(zip(*entries)) if entries else [[]] * 6
-        return SamplingTensors(**build_sampling_arrays(*cols, R, self.H, self.NB))
+        cols = list(zip(*entries)) if entries else [[]] * 7
+        return SamplingTensors(**build_sampling_arrays(*cols[:6], R, self.H, self.NB, masks=cols[6], W=self.W))
 
     def _sampling_arrays(self, rows: list, R: int) -> SamplingTensors:
         need_hist = any(r.seq.params.uses_history for r in rows)
@@ -367,8 +369,15 @@ class ModelRunner:
             entries.append(SamplingRow(
                 s.params, s.all_token_ids[: r.start + r.num_new] if need_hist else [], len(s.prompt_token_ids),
                 len(s.output_token_ids), s.seed,
-                sorted(s.stop_token_ids) if len(s.output_token_ids) < s.params.min_tokens else []))
+                sorted(s.stop_token_ids) if len(s.output_token_ids) < s.params.min_tokens else [],
+                self.token_mask(s)))
         return self.sampling_inputs(entries, R)
+
+    def token_mask(self, seq):
+        """The packed token mask of a sequence's next sample (allowed_token_ids, bad_words), or None."""
+        if seq.token_mask is None and not seq.bad_word_ids:
+            return None
+        return step_token_mask(seq.token_mask, seq.bad_word_ids, seq.output_token_ids, self.model_cfg.vocab_size)
 
     @property
     def programs(self) -> dict:

@@ -6,7 +6,8 @@ Pipeline per row (vLLM order):
 
     raw logits ──▶ logprobs = log_softmax(raw), top-n ids    (the model's distribution: vLLM's default "raw" mode)
          │
-         └─▶ penalties (repetition on prompt+output, presence/frequency on output) ─▶ banned ids = -inf
+         └─▶ penalties (repetition on prompt+output, presence/frequency on output) ─▶ + logit_bias
+               ─▶ ids outside the token mask (allowed_token_ids, bad_words) and banned ids = -inf
                ├─▶ greedy rows: argmax (first index on ties)
                └─▶ / temperature ─▶ top-k ─▶ top-p ─▶ min-p ─▶ categorical draw
 
@@ -76,6 +77,10 @@ class SamplingTensors:
     output_start       i32[R]     index in `history` of the first generated token
     banned             i32[R, NB] ids forced to -inf this step (min_tokens), -1 padded
     num_logprobs       i32[R]     -1 = none, 0 = sampled token's logprob only, n = also the top-n
+    bias_ids           i32[R, NL] logit_bias ids, -1 padded
+    bias               f32[R, NL] their biases (added to the logits)
+    token_mask         i32[R, W]  packed allowed ids (bit id % 32 of word id // 32; -1 = all); ids past W * 32
+                                  are allowed
     """
 
     temperature: jax.Array
@@ -91,9 +96,13 @@ class SamplingTensors:
     output_start: jax.Array
     banned: jax.Array
     num_logprobs: jax.Array
+    bias_ids: jax.Array
+    bias: jax.Array
+    token_mask: jax.Array
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplingTensors))
+MATRIX_FIELDS = ("history", "banned", "bias_ids", "bias", "token_mask")
 
 
 class SampleResult(NamedTuple):
@@ -114,7 +123,7 @@ def sample(logits: jax.Array, st: SamplingTensors, max_logprobs: int, *, top_k_c
     R, V = logits.shape
     for name in FIELDS:
         shape = getattr(st, name).shape
-        if shape[:1] != (R,) or len(shape) != (2 if name in ("history", "banned") else 1):
+        if shape[:1] != (R,) or len(shape) != (2 if name in MATRIX_FIELDS else 1):
             raise ValueError(f"SamplingTensors.{name} has shape {shape}; logits have {R} rows")
     nmax = int(max_logprobs)
     if row_chunk is None:
@@ -137,7 +146,7 @@ def sample(logits: jax.Array, st: SamplingTensors, max_logprobs: int, *, top_k_c
 
     simple = (jnp.all(st.temperature <= 0) & jnp.all(st.num_logprobs < 0) & jnp.all(st.banned < 0)
               & jnp.all(st.repetition_penalty == 1) & jnp.all(st.presence_penalty == 0)
-              & jnp.all(st.frequency_penalty == 0))
+              & jnp.all(st.frequency_penalty == 0) & jnp.all(st.bias_ids < 0) & jnp.all(st.token_mask == -1))
     return lax.cond(simple, plain_greedy, chunked, logits)
 
 
@@ -214,12 +223,33 @@ def _apply_banned(l, banned):
     return l.at[jnp.arange(C)[:, None], idx].set(_NEG_INF, mode="drop")
 
 
+def _apply_bias(l, bias_ids, bias):
+    C, V = l.shape
+    idx = jnp.where((bias_ids >= 0) & (bias_ids < V), bias_ids, V)
+    return l.at[jnp.arange(C)[:, None], idx].add(bias, mode="drop")
+
+
+def _allowed(token_mask, V):
+    """bool[C, V] from packed int32[C, W] masks (ids past W * 32 allowed)."""
+    C, W = token_mask.shape
+    bits = (token_mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1
+    bits = bits.reshape(C, W * 32).astype(jnp.bool_)
+    if W * 32 >= V:
+        return bits[:, :V]
+    return jnp.pad(bits, ((0, 0), (0, V - W * 32)), constant_values=True)
+
+
+def _apply_mask(l, token_mask):
+    return jnp.where(_allowed(token_mask, l.shape[1]), l, _NEG_INF)
+
+
 def penalize(logits, st: SamplingTensors):
-    """The logits greedy/random sampling works on: penalties applied, banned ids at -inf (unconditional version
-    of what `sample` does behind its batch-wide flags). f32[R, V]."""
+    """The logits greedy/random sampling works on: penalties, logit_bias, the token mask and banned ids applied
+    (unconditional version of what `sample` does behind its batch-wide flags). f32[R, V]."""
     x = jnp.asarray(logits).astype(jnp.float32)
     st = jax.tree.map(jnp.asarray, st)
-    return _apply_banned(_apply_penalties(x, st), st.banned)
+    l = _apply_bias(_apply_penalties(x, st), st.bias_ids, st.bias)
+    return _apply_banned(_apply_mask(l, st.token_mask), st.banned)
 
 
 def _ordered_u32(x):
@@ -388,11 +418,15 @@ def _sample_rows(x, st: SamplingTensors, nmax: int, cap: int) -> SampleResult:
     x_hist = lax.cond(jnp.any(pen_on), lambda a: a[rows, hist_ids],
                       lambda a: jnp.zeros(hist_ids.shape, jnp.float32), x)
     x_ban = x[rows, ban_ids]
+    bias_on = st.bias_ids >= 0
+    x_bias = x[rows, jnp.clip(st.bias_ids, 0, V - 1)]
     # every other read of x feeds the predicate, so XLA must schedule them first (NaN logits merely take the
     # penalty branch, which is exact for rows without penalties)
     after = (jnp.any(jnp.isnan(lse)) | jnp.any(jnp.isnan(top_lp)) | jnp.any(jnp.isnan(x_hist))
-             | jnp.any(jnp.isnan(x_ban)))
+             | jnp.any(jnp.isnan(x_ban)) | jnp.any(jnp.isnan(x_bias)))
     l = lax.cond(jnp.any(pen_on) | after, lambda a: _apply_penalties(a, st), lambda a: a, x)
+    l = lax.cond(jnp.any(bias_on), lambda a: _apply_bias(a, st.bias_ids, st.bias), lambda a: a, l)
+    l = lax.cond(jnp.any(st.token_mask != -1), lambda a: _apply_mask(a, st.token_mask), lambda a: a, l)
     l = lax.cond(jnp.any(st.banned >= 0), lambda a: _apply_banned(a, st.banned), lambda a: a, l)
     greedy_tok, lmax, bm = _argmax(l)
 
@@ -409,6 +443,8 @@ def _sample_rows(x, st: SamplingTensors, nmax: int, cap: int) -> SampleResult:
     raw = _take(l, tok)
     in_ban, ban_val = original(st.banned, x_ban, st.banned >= 0)
     raw = jnp.where(in_ban, ban_val, raw)
+    in_bias, bias_val = original(st.bias_ids, x_bias, bias_on)
+    raw = jnp.where(in_bias, bias_val, raw)
     raw = lax.cond(jnp.any(pen_on), lambda r: jnp.where(*original(st.history, x_hist, pen_on[:, None]), r),
                    lambda r: r, raw)
     logprob = jnp.where(want_lp, raw - lse, 0.0)

@@ -297,6 +297,22 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
         finally:
             close(outcome)
 
+    async def tokenizer_call(request: Request, fn):
+        check_auth(request)
+        try:
+            body = await _read_json(request, state.serving.limits.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        return await asyncio.to_thread(fn, body)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await tokenizer_call(request, state.serving.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await tokenizer_call(request, state.serving.detokenize)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generate(request, "completion")

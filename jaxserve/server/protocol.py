@@ -193,11 +193,47 @@ class OpenAIServing:
         priority = parse_priority(body.get("priority")) or parse_priority(priority_header, "X-Priority")
         return ParsedRequest(kind, model, prompts, texts, params, stream, include_usage, echo, logprobs, priority)
 
+    # -------------------------------------------------------------- /tokenize, /detokenize (vLLM's shapes)
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"The model `{model}` does not exist. Served models: {', '.join(self.model_names)}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def tokenize(self, body) -> dict:
+        """{"prompt": text} or {"messages": [...]} (chat template applied; `add_special_tokens`, default true:
+        BOS) -> {"count", "max_model_len", "tokens"}."""
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", None, "invalid_type")
+        self._check_model(body)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "invalid_request_error", None, "no_tokenizer")
+        add_special = _bool(body, "add_special_tokens", True)
+        if "messages" in body:
+            text = self._chat_prompt(body.get("messages"))
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise bad_request("'prompt' must be a string (or send 'messages')", "prompt", "invalid_type")
+        ids = self.tokenizer.encode(text, add_bos=add_special)
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    def detokenize(self, body) -> dict:
+        """{"tokens": [ids]} -> {"prompt": text} (special tokens kept, as vLLM does)."""
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", None, "invalid_type")
+        self._check_model(body)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "invalid_request_error", None, "no_tokenizer")
+        ids = body.get("tokens")
+        V = self.engine.model_cfg.vocab_size
+        if not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < V for t in ids):
+            raise bad_request(f"'tokens' must be a list of token ids in [0, {V})", "tokens", "invalid_value")
+        return {"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)}
+
     def _reject_unsupported(self, kind: str, body: dict) -> None:
         if body.get("suffix"):
             raise bad_request("'suffix' is not supported", "suffix", "unsupported_parameter")
-        if body.get("logit_bias"):
-            raise bad_request("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
         for key in ("tools", "functions"):
             if body.get(key):
                 raise bad_request(f"'{key}' (tool calling) is not supported", key, "unsupported_parameter")
@@ -315,9 +351,17 @@ class OpenAIServing:
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         )
+        for key, kind_ in (("logit_bias", dict), ("allowed_token_ids", list), ("bad_words", list)):
+            v = body.get(key)
+            if v is not None and not isinstance(v, kind_):
+                raise bad_request(f"'{key}' must be {'an object' if kind_ is dict else 'a list'}", key,
+                                  "invalid_type")
+            if v:
+                kw[key] = v
         try:
             sp = SamplingParams(**kw)
             sp.validate(self.max_logprobs)
+            sp.check_vocab(self.engine.model_cfg.vocab_size)
         except JaxserveError as e:
             msg = str(e)
             param = msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None
