@@ -59,24 +59,30 @@ def test_row_tiles_measured_exact_here(llm_factory):
         assert invariance.attention_violations(cfg, t, ec.page_size, ec.attn_block_pages) == []
 
 
-def test_row_tiles_fall_back_to_strict_and_refuse_when_nothing_is_exact(llm_factory, monkeypatch):
+def test_row_tiles_pad_decode_queries_or_refuse_when_nothing_is_exact(llm_factory, monkeypatch):
     from jaxserve.errors import InvalidConfigError
     from jaxserve.models import invariance
+    from jaxserve.models.transformer import STRICT_TILES
 
     runner = llm_factory("tiny-gemma3", num_pages=1024, **KW).engine.runner
     args = (runner.model_cfg, runner.params, runner.cfg.page_size, runner.cfg.attn_block_pages, [1, 2, 4])
+    # attention differs between decode and chunk shapes: decode queries are padded, which is exact here
     monkeypatch.setattr(invariance, "_CACHE", {})
-    monkeypatch.setattr(invariance, "dense_violations", lambda p, t, rows: [] if t.min_rows == 32 else ["wq"])
-    assert invariance.choose_row_tiles(*args) == invariance.RowTiles(min_rows=32, pad_decode_queries=False)
-    monkeypatch.setattr(invariance, "_CACHE", {})
-    monkeypatch.setattr(invariance, "attention_violations", lambda *a: ["attention"])
-    with pytest.raises(InvalidConfigError, match="cannot be honoured on this machine"):
-        invariance.choose_row_tiles(*args)
+    monkeypatch.setattr(invariance, "attention_violations",
+                        lambda cfg, t, *a: [] if t.pad_decode_queries else ["attention"])
+    assert invariance.choose_row_tiles(*args) == STRICT_TILES
+    # padding does not help either, or a dense layer differs: refused, saying what differed
+    for attn, dense in ((["attention"], []), ([], ["wq: 4 rows vs 32"])):
+        monkeypatch.setattr(invariance, "_CACHE", {})
+        monkeypatch.setattr(invariance, "attention_violations", lambda *a, v=attn: v)
+        monkeypatch.setattr(invariance, "dense_violations", lambda *a, v=dense: v)
+        with pytest.raises(InvalidConfigError, match="cannot be honoured on this machine.*" + (attn + dense)[0]):
+            invariance.choose_row_tiles(*args)
 
 
 def test_strict_tiles_keep_outputs_identical_under_preemption(llm_factory, workload, monkeypatch):
-    """The strict tiling (what a machine whose GEMM kernels fail the default check runs) gives the same
-    tokens and logprobs with and without preemption, and alone."""
+    """The strict tiling (decode queries padded: what a machine whose attention dots fail the default check
+    runs) gives the same tokens and logprobs with and without preemption, and alone."""
     from jaxserve import LLM
     from jaxserve.models import invariance
     from jaxserve.models.transformer import STRICT_TILES

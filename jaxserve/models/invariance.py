@@ -1,19 +1,19 @@
-"""Which dot tiling keeps batch-invariant mode bit-exact on the machine it runs on.
+"""Whether batch-invariant mode is bit-exact on the machine it runs on, and the attention tiling that makes it so.
 
 `batch_invariant=True` promises that a token's logits and KV do not depend on what else shares its step. The
-forward pass keeps that promise by running every dot on fixed tiles (models/transformer.py, ROW_TILE): a dense
-layer on min_rows..32-row tiles, attention on query tiles of a fixed size. Whether a given tiling is enough
-is a property of the backend's GEMM kernels, not of our code: XLA:CPU hands dots to YNNPACK, which picks its
-kernels by the CPU's instruction set, and the row counts at which it switches kernels (and so summation
-order) differ between CPUs. Measured: on one CPU (AMX) two rows summed differently from 3..32 rows; on
-another (AMD EPYC) the real-model preemption test failed with the default tiling while it passed on a third.
+forward pass keeps that promise by running every dot on fixed tiles (models/transformer.py, ROW_TILE): every
+dense layer on 32-row tiles, attention on query tiles of a fixed size. Whether that is enough is a property of
+the backend's GEMM kernels, not of our code: XLA:CPU hands dots to YNNPACK, which picks its kernels by the CPU's
+instruction set, and the shapes at which it switches kernels (and so summation order) differ between CPUs. Seen:
+on one CPU (AMX) two rows summed differently from 3..32 rows; on one AMD EPYC the real-model preemption test
+failed with 4..32-row dense tiles while it passed on another.
 
 So the runner measures rather than assumes: `choose_row_tiles` runs each distinct dense weight of the model
-(layer 0 and the LM head, the engine's own weights and kernels) at every row count its steps use, and the
-attention of one query as a decode row and inside a prefill chunk, and compares the rows bitwise. Where the
-default tiling (`RowTiles()`) shows a difference, it takes the strict one (every dense on full 32-row tiles,
-decode queries padded to the prefill tile: every dot then has one shape whatever the step), checks that too,
-and raises if even that is not exact. The result is cached per model shape and engine layout in the process.
+(layer 0 and the LM head: the engine's own weights and kernels) at every row count its steps use and with the
+rows of a tile moved, and the attention of one query as a decode row and inside a prefill chunk, and compares
+bitwise. Where attention differs it pads decode queries to the chunk's tile (one shape for both; 2.2x per decode
+step) and checks again; where a dense layer differs (nothing stricter to offer) or the padded attention still
+differs, the engine refuses batch_invariant=True with what differed. Cached per model shape and engine layout.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def attention_violations(cfg: ModelConfig, tiles: RowTiles, page_size: int, bloc
 
 def choose_row_tiles(cfg: ModelConfig, params, page_size: int, block_pages: int,
                      row_counts: Sequence[int], platform: Optional[str] = None) -> RowTiles:
-    """The tiling batch-invariant steps use here: the default where it measures exact, else the strict one.
-    `row_counts`: the dense row counts below a full tile that the engine's steps run (decode rows, and the
-    rows of the LM head). Raises InvalidConfigError where no tiling is exact."""
+    """The tiling batch-invariant steps use here: the default where it measures exact, else decode queries padded
+    (STRICT_TILES). `row_counts`: the dense row counts below a full tile that the engine's steps run (decode
+    rows, and the rows of the LM head). Raises InvalidConfigError where no tiling is exact."""
     row_counts = tuple(sorted({int(m) for m in row_counts if 0 < m <= ROW_TILE}))
     leaf_kinds = tuple(sorted({type(a).__name__ + str(getattr(a, "dtype", "")) for a in
                                jax.tree.leaves(params, is_leaf=is_quantized)}))
@@ -114,19 +114,18 @@ def choose_row_tiles(cfg: ModelConfig, params, page_size: int, block_pages: int,
     if key in _CACHE:
         return _CACHE[key]
     default = RowTiles()
-    dense_bad = dense_violations(params, default, row_counts)
+    bad = dense_violations(params, default, row_counts)
+    tiles = default
     attn_bad = attention_violations(cfg, default, page_size, block_pages)
-    if not dense_bad and not attn_bad:
-        tiles = default
+    if attn_bad and not bad:
+        tiles = STRICT_TILES
+        log.warning("batch_invariant: attention is not exact between decode rows and prefill chunks on this "
+                    "machine (%s); padding decode queries to the chunk's tile", "; ".join(attn_bad))
+        bad = attention_violations(cfg, tiles, page_size, block_pages)
     else:
-        tiles = RowTiles(min_rows=STRICT_TILES.min_rows if dense_bad else default.min_rows,
-                         pad_decode_queries=bool(attn_bad))
-        log.warning("batch_invariant: the default dot tiling is not exact on this machine (%s); using %s",
-                    "; ".join(dense_bad + attn_bad), tiles)
-        still = (dense_violations(params, tiles, row_counts) if dense_bad else []) + \
-                (attention_violations(cfg, tiles, page_size, block_pages) if attn_bad else [])
-        if still:
-            raise InvalidConfigError("batch_invariant=True cannot be honoured on this machine: even the strict "
-                                     "dot tiling gives results that depend on the batch (" + "; ".join(still) + ")")
+        bad += attn_bad
+    if bad:
+        raise InvalidConfigError("batch_invariant=True cannot be honoured on this machine: its dot kernels give "
+                                 "results that depend on the batch (" + "; ".join(bad) + ")")
     _CACHE[key] = tiles
     return tiles

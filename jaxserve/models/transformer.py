@@ -40,14 +40,15 @@ class StepInputs(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-# XLA:CPU picks its GEMM algorithm by the number of rows M (one row: a matrix-vector kernel; 2..32 rows; more
-# rows), and the three give slightly different per-row results. Running every matmul on 2..32-row tiles makes
-# a token's result independent of how many tokens share its step (batch invariance; tests/test_batch_invariance).
+# XLA:CPU picks its GEMM algorithm by the number of rows M (one row: a matrix-vector kernel; a few rows; more
+# rows), and they give slightly different per-row results, at thresholds that differ between CPUs (YNNPACK picks
+# kernels by instruction set: on one AMX machine 2 rows summed differently from 3..32). Running every matmul on
+# tiles of exactly ROW_TILE rows (fewer rows padded up, more rows in a loop of tiles) gives every dot one shape,
+# so a token's result does not depend on how many tokens share its step (batch invariance;
+# tests/test_batch_invariance). Measured on Gemma 3 270M decode (AMD EPYC, batch-invariant mode): no cost over
+# 4-row tiles (float32 79.8 vs 79.1 ms/step at batch 1, bfloat16 41.6 vs 42.1): the weights' bytes dominate.
 ROW_TILE = 32
-# ... and the fewest rows a tile may have. 2..32 rows were one regime on the first machines measured, but on a
-# CPU with AMX-BF16 a 2-row bf16 x bf16 -> f32 dot sums differently from 3..32 rows (measured: row 0 differs by
-# up to 1.5e-4 at 2 rows, bitwise equal at 3, 4, 8, 16, 32), so the one- and two-row cases run as four rows.
-MIN_TILE_ROWS = 4
+MIN_TILE_ROWS = ROW_TILE
 # Query tokens per attention dot, so that (tokens x query heads per KV head) stays in one regime too, and
 # rows per attention chunk (batched dots also change summation order with the batch size).
 ATTN_M = 16
@@ -59,18 +60,21 @@ ATTN_ROWS = 4
 @dataclasses.dataclass(frozen=True)
 class RowTiles:
     """How batch-invariant mode tiles its dots; `forward_step(batch_invariant=...)` takes one (True means the
-    default). Which tiling keeps a token's result independent of its step depends on the CPU's GEMM kernels
-    (YNNPACK on XLA:CPU picks them by ISA), so the runner checks the default on the machine it runs on and
-    falls back to the strict tiling where it fails (models/invariance.py)."""
+    default). Whether a tiling keeps a token's result independent of its step depends on the CPU's GEMM kernels
+    (YNNPACK on XLA:CPU picks them by ISA), so the runner checks it on the machine it runs on and pads decode
+    queries where attention needs it (models/invariance.py)."""
 
-    min_rows: int = MIN_TILE_ROWS  # fewest rows a dense tile runs with (ROW_TILE: every dense on 32-row tiles)
-    pad_decode_queries: bool = False  # a one-token query goes through attention padded to the prefill tile
+    min_rows: int = MIN_TILE_ROWS  # fewest rows a dense tile runs with
+    # A one-token query goes through attention padded to the prefill chunk's query tile. Off by default: it
+    # costs 2.2x per decode step (Gemma 3 270M float32, 180 vs 79 ms at batch 1); taken where the machine's
+    # attention dots differ between the two shapes.
+    pad_decode_queries: bool = False
 
     def __bool__(self) -> bool:
         return True
 
 
-STRICT_TILES = RowTiles(min_rows=ROW_TILE, pad_decode_queries=True)
+STRICT_TILES = RowTiles(pad_decode_queries=True)
 
 
 def row_tiles(invariant) -> Optional[RowTiles]:
@@ -88,7 +92,7 @@ def attn_query_tile(cfg: ModelConfig) -> int:
 
 def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = False):
     """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant` (True or a RowTiles), on
-    min_rows..32-row tiles (see ROW_TILE).
+    ROW_TILE-row tiles (RowTiles.min_rows..32 rows; see ROW_TILE).
 
     `w` may be a quantized weight (models/quantized.py: Int8Weight / Int4Weight), then `w.matmul`; a float one
     goes through `linear.float_matmul`."""
