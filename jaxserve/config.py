@@ -26,7 +26,7 @@ class ModelConfig:
     """Architecture of a decoder-only transformer. Sizes are in elements, lengths in tokens."""
 
     name: str
-    arch: str  # "llama" (Llama/Mistral/Qwen2) or "gemma3"
+    arch: str  # "llama" (Llama/Mistral/Qwen2/Qwen3), "gemma2" or "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -125,7 +125,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict, name: str = "hf-model") -> "ModelConfig":
-        """Build from a HF `config.json` dict (Llama, Mistral, Qwen2, Gemma 3 text)."""
+        """Build from a HF `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text)."""
         if "text_config" in hf:  # Gemma 3 multimodal wrapper
             hf = {**hf["text_config"], "model_type": hf["text_config"].get("model_type", "gemma3_text")}
         mt = hf.get("model_type", "llama")
@@ -156,6 +156,23 @@ class ModelConfig:
             scaling.setdefault("rope_type", scaling.pop("type", "default"))
             if scaling["rope_type"] == "default":
                 scaling = None
+        if mt.startswith("gemma2"):
+            # Gemma 2: Gemma 3's layer but no q/k norms, logit soft-capping in attention and on the output,
+            # every other layer sliding (layer 0 local), one RoPE base for both kinds of layer.
+            return cls(
+                arch="gemma2",
+                hidden_act="gelu_tanh",
+                rope_scaling=scaling,
+                sliding_window=hf.get("sliding_window", 4096),
+                global_every=hf.get("sliding_window_pattern", 2),
+                query_pre_attn_scalar=hf.get("query_pre_attn_scalar", head_dim),
+                embed_scale=True,
+                post_norms=True,
+                final_logit_softcap=hf.get("final_logit_softcapping"),
+                attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                chat_template="gemma",
+                **{**common, "tie_word_embeddings": hf.get("tie_word_embeddings", True)},
+            )
         if mt.startswith("gemma3"):
             pattern = hf.get("sliding_window_pattern", 6)
             return cls(
@@ -174,15 +191,20 @@ class ModelConfig:
                 chat_template="gemma",
                 **{**common, "tie_word_embeddings": hf.get("tie_word_embeddings", True)},
             )
-        if mt not in ("llama", "mistral", "qwen2"):
-            raise InvalidConfigError(f"unsupported model_type {mt!r} (supported: llama, mistral, qwen2, gemma3)")
+        if mt not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise InvalidConfigError(f"unsupported model_type {mt!r} "
+                                     f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3)")
+        # Qwen2/3 declare a sliding window they only use with use_sliding_window (off in their releases).
+        window = hf.get("sliding_window") if mt == "mistral" or hf.get("use_sliding_window") else None
         return cls(
             arch="llama",
             hidden_act="silu",
             rope_scaling=scaling,
-            attention_bias=(mt == "qwen2") or hf.get("attention_bias", False),
-            sliding_window=hf.get("sliding_window") if mt == "mistral" else None,
-            chat_template={"qwen2": "chatml", "mistral": "mistral"}.get(mt, "llama3" if hf["vocab_size"] > 100_000 else "llama2"),
+            attention_bias=(mt == "qwen2") or bool(hf.get("attention_bias", False)),
+            qk_norm=(mt == "qwen3"),  # Qwen3: RMSNorm over each head's q and k before RoPE
+            sliding_window=window,
+            chat_template={"qwen2": "chatml", "qwen3": "chatml", "mistral": "mistral"}.get(
+                mt, "llama3" if hf["vocab_size"] > 100_000 else "llama2"),
             **common,
         )
 

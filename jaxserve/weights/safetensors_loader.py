@@ -2,9 +2,11 @@
 
     config, params = load_hf_dir("path/to/Llama-3.2-1B")
 
-Supports Llama, Mistral, Qwen2 and Gemma 3 (text, or the text tower of the multimodal checkpoint).
+Supports Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text, or the text tower of the multimodal
+checkpoint).
 HF stores linear weights `[out, in]`; they are transposed to `[in, out]` and stacked over layers, float32.
-Gemma's RMSNorm computes `x * (1 + w)`, so 1 is added to every Gemma norm weight here (q/k norms included):
+Gemma's RMSNorm computes `x * (1 + w)`, so 1 is added to every Gemma norm weight here (Gemma 3's q/k norms
+included; Qwen3's q/k norms are plain RMSNorm weights):
 the stored param is the effective multiplier. HF Q/K are already in rotate-half order: no permutation.
 """
 
@@ -39,7 +41,9 @@ _LAYER_COMMON = {
     "mlp.down_proj.weight": ("w_down", True),
     "input_layernorm.weight": ("attn_norm", False),
 }
-_LAYER_LLAMA = {**_LAYER_COMMON, "post_attention_layernorm.weight": ("mlp_norm", False)}
+_LAYER_LLAMA = {**_LAYER_COMMON, "post_attention_layernorm.weight": ("mlp_norm", False),
+                "self_attn.q_norm.weight": ("q_norm", False),  # Qwen3 (plain RMSNorm weights)
+                "self_attn.k_norm.weight": ("k_norm", False)}
 _LAYER_GEMMA3 = {
     **_LAYER_COMMON,
     "post_attention_layernorm.weight": ("post_attn_norm", False),
@@ -81,11 +85,11 @@ def normalize_hf_config(hf: dict) -> dict:
         if "sliding_attention" in rp and "rope_local_base_freq" not in hf:
             hf["rope_local_base_freq"] = rp["sliding_attention"].get("rope_theta", 10_000.0)
     types = hf.get("layer_types")
-    if str(hf.get("model_type", "")).startswith("gemma3") and types and "sliding_window_pattern" not in hf:
+    if str(hf.get("model_type", "")).startswith(("gemma2", "gemma3")) and types and "sliding_window_pattern" not in hf:
         full_at = [i for i, t in enumerate(types) if t == "full_attention"]
         pattern = full_at[0] + 1 if full_at else hf.get("_sliding_window_pattern", len(types) + 1)
         if any((t == "full_attention") != ((i + 1) % pattern == 0) for i, t in enumerate(types)):
-            raise InvalidConfigError(f"Gemma 3 layer_types {types} are not periodic; unsupported")
+            raise InvalidConfigError(f"Gemma layer_types {types} are not periodic; unsupported")
         hf["sliding_window_pattern"] = pattern
     return hf
 
@@ -134,7 +138,7 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
     except (KeyError, TypeError, ValueError) as e:
         cfg_file = os.path.join(path, "config.json")
         raise CheckpointError(f"{cfg_file}: incomplete config ({type(e).__name__}: {e})") from None
-    gemma = cfg.arch == "gemma3"
+    gemma = cfg.arch in ("gemma2", "gemma3")
     layer_map = _LAYER_GEMMA3 if gemma else _LAYER_LLAMA
 
     L = cfg.num_layers
@@ -194,5 +198,6 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
     if gemma:  # (1 + w) -> effective multiplier
         params["final_norm"] += 1.0
         for k in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"):
-            layers[k] += 1.0
+            if k in layers:  # (Gemma 2 has no q/k norms)
+                layers[k] += 1.0
     return cfg, params
