@@ -296,6 +296,39 @@ PRESETS: dict = {
             num_heads=32, num_kv_heads=8, head_dim=128, sliding_window=4096, max_position_embeddings=32_768,
             chat_template="mistral",
         ),
+        _llama(
+            "llama3.2-1b", vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+            num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500_000.0,
+            rope_scaling=_LLAMA31_SCALING | {"factor": 32.0}, max_position_embeddings=131_072,
+            tie_word_embeddings=True, bos_token_id=128_000, eos_token_ids=(128_001, 128_008, 128_009),
+            chat_template="llama3",
+        ),
+        _llama(
+            "llama3.2-3b", vocab_size=128_256, hidden_size=3072, intermediate_size=8192, num_layers=28,
+            num_heads=24, num_kv_heads=8, head_dim=128, rope_theta=500_000.0,
+            rope_scaling=_LLAMA31_SCALING | {"factor": 32.0}, max_position_embeddings=131_072,
+            tie_word_embeddings=True, bos_token_id=128_000, eos_token_ids=(128_001, 128_008, 128_009),
+            chat_template="llama3",
+        ),
+        _llama(
+            "qwen2.5-7b", vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_layers=28,
+            num_heads=28, num_kv_heads=4, head_dim=128, attention_bias=True, rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6, max_position_embeddings=32_768, bos_token_id=151_643,
+            eos_token_ids=(151_643, 151_645), chat_template="chatml",
+        ),
+        _llama(
+            "qwen3-8b", vocab_size=151_936, hidden_size=4096, intermediate_size=12_288, num_layers=36,
+            num_heads=32, num_kv_heads=8, head_dim=128, qk_norm=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            max_position_embeddings=40_960, bos_token_id=151_643, eos_token_ids=(151_643, 151_645),
+            chat_template="chatml",
+        ),
+        _gemma3(
+            "gemma2-9b", arch="gemma2", vocab_size=256_000, hidden_size=3584, intermediate_size=14_336,
+            num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256, sliding_window=4096, global_every=2,
+            rope_theta=10_000.0, rope_local_theta=None, qk_norm=False, query_pre_attn_scalar=256,
+            attn_logit_softcap=50.0, final_logit_softcap=30.0, max_position_embeddings=8192,
+            eos_token_ids=(1, 107),
+        ),
         # Tiny random-weight configs for unit tests: same code paths, milliseconds to run.
         _llama(
             "tiny-llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

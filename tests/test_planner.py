@@ -30,6 +30,11 @@ USABLE_80GIB = 80 * GiB - 8 * GiB  # 85,899,345,920 - 8,589,934,592 = 77,309,411
     ("llama3-8b", 8.03e9, 0.005e9),  # HF model card: 8.03B (safetensors: 8,030,261,248)
     ("llama2-70b", 68.98e9, 0.005e9),  # HF model card: 68.98B (safetensors: 68,976,648,192)
     ("gemma3-270m", 268_098_176, 0),  # HF google/gemma-3-270m safetensors: 268,098,176 exactly
+    ("llama3.2-1b", 1.24e9, 0.005e9),  # HF model card: 1.24B (tied embeddings)
+    ("llama3.2-3b", 3.21e9, 0.005e9),  # HF model card: 3.21B (tied embeddings)
+    ("qwen2.5-7b", 7.62e9, 0.005e9),  # HF Qwen/Qwen2.5-7B page: 7.62B (its card's text says 7.61B)
+    ("qwen3-8b", 8.19e9, 0.005e9),  # HF Qwen/Qwen3-8B page: 8.19B (its card's text says 8.2B)
+    ("gemma2-9b", 9.24e9, 0.005e9),  # HF google/gemma-2-9b: 9.24B
 ])
 def test_num_params_match_published(name, published, tol):
     assert abs(get_preset(name).num_params() - published) <= tol
