@@ -71,6 +71,25 @@ def test_save_load_round_trip(tmp_path, tiny_tok):
         Tokenizer.from_file(str(tmp_path / "bad.json"))
 
 
+def test_hf_directory_chat_template_beats_the_family_default(tmp_path, tiny_tok):
+    """An HF directory's own template (tokenizer_config.json, or chat_template.jinja first) is used over the
+    family default the config names."""
+    import json
+
+    (tmp_path / "tokenizer.json").write_text(tiny_tok.to_json())
+    assert Tokenizer.from_dir(str(tmp_path), chat_template="llama3").chat_template == "llama3"  # none shipped
+    own = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[a]{% endif %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "tool_use",
+                                                                                   "template": "x"},
+                                                                                  {"name": "default",
+                                                                                   "template": own}]}))
+    tok = Tokenizer.from_dir(str(tmp_path), chat_template="llama3")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi[a]"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[-1].content }}!")
+    assert Tokenizer.from_dir(str(tmp_path), chat_template="llama3").apply_chat_template(
+        [{"role": "user", "content": "hi"}]) == "hi!"
+
+
 # ------------------------------------------------------------------------------------------ chat templates
 CONV = [
     {"role": "system", "content": "You are terse."},

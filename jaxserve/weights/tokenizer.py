@@ -175,8 +175,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str, **defaults) -> "Tokenizer":
-        """From `tokenizer.json` + optional `tokenizer_meta.json` in `directory`; `defaults` fill missing meta."""
+        """From `tokenizer.json` + optional `tokenizer_meta.json` in `directory`; `defaults` fill missing meta.
+
+        The model's own chat template (an HF directory's `chat_template.jinja` or `tokenizer_config.json`
+        "chat_template") takes precedence over the family default in `defaults`."""
         meta = dict(defaults)
+        own = hf_chat_template(directory)
+        if own is not None:
+            meta["chat_template"] = own
         meta_path = os.path.join(directory, META_FILE)
         if os.path.exists(meta_path):
             try:
@@ -205,7 +211,7 @@ class Tokenizer:
             bos_id=bos_id if bos_id is not None else fields.get("bos_token_id"),
             eos_ids=eos_ids if eos_ids is not None else ([file_eos] if file_eos is not None else []),
             pad_id=pad_id if pad_id is not None else (fields.get("padding_token_id") or 0),
-            chat_template=chat_template or fields.get("chat_template"),
+            chat_template=fields.get("chat_template") or chat_template,  # the file's own template first
         )
 
     def to_json(self) -> str:
@@ -275,6 +281,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={self.eos_ids})"
+
+
+def hf_chat_template(directory: str) -> Optional[str]:
+    """The chat template an HF model directory ships: `chat_template.jinja` (transformers >= 4.50), else the
+    "chat_template" of `tokenizer_config.json` (a string, or a list of named templates: "default"). None if
+    neither has one."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read()
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    try:
+        with open(cfg_path) as f:
+            t = json.load(f).get("chat_template")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot read tokenizer config ({e})") from None
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) and t else None
 
 
 def _meta_kwargs(meta: dict) -> dict:
