@@ -190,9 +190,11 @@ def _gguf_tokenizer(gguf_path: str, config_ids: dict, cache_dir: Optional[str] =
         tmp = f"{cache_dir}.tmp-{os.getpid()}"
         tok.save(tmp)
         os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
-        if os.path.isdir(cache_dir):
+        if os.path.isfile(os.path.join(cache_dir, "tokenizer.json")):  # another process finished first: keep it
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             shutil.rmtree(cache_dir, ignore_errors=True)
-        os.replace(tmp, cache_dir)
+            os.replace(tmp, cache_dir)
     except OSError as e:  # a read-only cache is not fatal
         log.warning("could not cache tokenizer in %s: %s", cache_dir, e)
     return tok
