@@ -26,7 +26,8 @@ def test_mask_packing():
     assert mask_words(V) == 4 and mask_words(96) == 3
     m = pack_token_mask([0, 31, 32, 99], V)
     assert m.dtype == np.int32 and _allowed_ids(m, V) == {0, 31, 32, 99}
-    assert _allowed_ids(clear_token_bits(m, [31, 99]), V) == {0, 32}
+    assert _allowed_ids(clear_token_bits(m, [31, 99], V), V) == {0, 32}
+    assert _allowed_ids(clear_token_bits(None, [5], V), V) == set(range(V)) - {5}
     assert _allowed_ids(m, V) == {0, 31, 32, 99}  # cleared on a copy
 
 

@@ -213,7 +213,7 @@ class ModelRunner:
         if engine_cfg.batch_invariant:
             from jaxserve.models.invariance import choose_row_tiles
 
-            rows = {r * q for r, q in self.buckets() if q == 1} | {r for r, _ in self.buckets()}
+            rows = {r for r, _ in self.buckets()}  # the decode steps' dense rows and every step's LM-head rows
             self.invariance = choose_row_tiles(model_cfg, self.params, self.page_size, engine_cfg.attn_block_pages,
                                                rows)
         self._programs: dict = {}
@@ -373,11 +373,13 @@ class ModelRunner:
                 self.token_mask(s)))
         return self.sampling_inputs(entries, R)
 
-    def token_mask(self, seq):
-        """The packed token mask of a sequence's next sample (allowed_token_ids, bad_words), or None."""
+    def token_mask(self, seq, drafts=()):
+        """The packed token mask (allowed_token_ids, bad_words) of a sequence's next sample, after `drafts` (a
+        verify step's draft tokens before the sampled position) are appended to its output; None: none."""
         if seq.token_mask is None and not seq.bad_word_ids:
             return None
-        return step_token_mask(seq.token_mask, seq.bad_word_ids, seq.output_token_ids, self.model_cfg.vocab_size)
+        out = list(seq.output_token_ids) + list(drafts) if drafts else seq.output_token_ids
+        return step_token_mask(seq.token_mask, seq.bad_word_ids, out, self.model_cfg.vocab_size)
 
     @property
     def programs(self) -> dict:

@@ -34,9 +34,9 @@ def pack_token_mask(allowed_ids, vocab_size: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1, 32), axis=1, bitorder="little").view(np.int32).reshape(-1)
 
 
-def clear_token_bits(mask: np.ndarray, ids) -> np.ndarray:
-    """A copy of packed `mask` with the bits of `ids` cleared (those ids excluded)."""
-    out = mask.copy()
+def clear_token_bits(mask: Optional[np.ndarray], ids, vocab_size: int) -> np.ndarray:
+    """A copy of packed `mask` (None: every id allowed) with the bits of `ids` cleared (those ids excluded)."""
+    out = mask.copy() if mask is not None else np.full(mask_words(vocab_size), -1, np.int32)
     words = out.view(np.uint32)
     for t in ids:
         words[t // 32] &= np.uint32(0xFFFFFFFF ^ (1 << (t % 32)))
@@ -62,8 +62,7 @@ def request_token_mask(params, vocab_size: int, encode=None):
                 elif ids:
                     sequences.append(ids)
         if single:
-            base = mask if mask is not None else np.full(mask_words(vocab_size), -1, np.int32)
-            mask = clear_token_bits(base, sorted(single))
+            mask = clear_token_bits(mask, sorted(single), vocab_size)
     return mask, sequences
 
 
@@ -72,10 +71,7 @@ def step_token_mask(static_mask, bad_sequences, output_ids, vocab_size: int):
     ids end the output so far cleared. None: every id allowed."""
     hits = [seq[-1] for seq in bad_sequences
             if len(output_ids) >= len(seq) - 1 and tuple(output_ids[len(output_ids) - len(seq) + 1:]) == seq[:-1]]
-    if not hits:
-        return static_mask
-    base = static_mask if static_mask is not None else np.full(mask_words(vocab_size), -1, np.int32)
-    return clear_token_bits(base, hits)
+    return clear_token_bits(static_mask, hits, vocab_size) if hits else static_mask
 
 
 def build_sampling_arrays(params_list: Sequence, histories: Sequence, output_starts: Sequence[int],

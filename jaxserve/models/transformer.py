@@ -48,13 +48,10 @@ class StepInputs(NamedTuple):
 # tests/test_batch_invariance). Measured on Gemma 3 270M decode (AMD EPYC, batch-invariant mode): no cost over
 # 4-row tiles (float32 79.8 vs 79.1 ms/step at batch 1, bfloat16 41.6 vs 42.1): the weights' bytes dominate.
 ROW_TILE = 32
-MIN_TILE_ROWS = ROW_TILE
 # Query tokens per attention dot, so that (tokens x query heads per KV head) stays in one regime too, and
 # rows per attention chunk (batched dots also change summation order with the batch size).
 ATTN_M = 16
 ATTN_ROWS = 4
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +61,6 @@ class RowTiles:
     (YNNPACK on XLA:CPU picks them by ISA), so the runner checks it on the machine it runs on and pads decode
     queries where attention needs it (models/invariance.py)."""
 
-    min_rows: int = MIN_TILE_ROWS  # fewest rows a dense tile runs with
     # A one-token query goes through attention padded to the prefill chunk's query tile. Off by default: it
     # costs 2.2x per decode step (Gemma 3 270M float32, 180 vs 79 ms at batch 1); taken where the machine's
     # attention dots differ between the two shapes.
@@ -92,7 +88,7 @@ def attn_query_tile(cfg: ModelConfig) -> int:
 
 def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = False):
     """x [..., K] @ w [K, N] (`transposed`: a float w [N, K]); with `invariant` (True or a RowTiles), on
-    ROW_TILE-row tiles (RowTiles.min_rows..32 rows; see ROW_TILE).
+    ROW_TILE-row tiles (fewer rows padded up; see ROW_TILE).
 
     `w` may be a quantized weight (models/quantized.py: Int8Weight / Int4Weight), then `w.matmul`; a float one
     goes through `linear.float_matmul`."""
@@ -104,13 +100,11 @@ def dense(x, w, invariant: bool = False, out_dtype=None, transposed: bool = Fals
     lead, K = x.shape[:-1], x.shape[-1]
     M = math.prod(lead)
     x2 = x.reshape(M, K)
-    if M < tiles.min_rows:
-        y = mm(jnp.pad(x2, ((0, tiles.min_rows - M), (0, 0))))[:M]
-    elif M <= ROW_TILE:
-        y = mm(x2)
+    pad = -M % ROW_TILE  # decode rows and the LM head's rows are padded up; prefill steps are whole tiles
+    xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
+    if M + pad == ROW_TILE:
+        y = mm(xp)[:M]
     else:
-        pad = -M % ROW_TILE  # steps never pad (their M is a multiple of 32); the reference forward may
-        xp = jnp.pad(x2, ((0, pad), (0, 0)))
         y = jax.lax.map(mm, xp.reshape(-1, ROW_TILE, K)).reshape(M + pad, -1)[:M]
     return y.reshape(*lead, n_out)
 

@@ -29,7 +29,6 @@ import time
 import jax
 
 from jaxserve.engine.request import SampledToken
-from jaxserve.engine.sampling_inputs import step_token_mask
 from jaxserve.engine.runner import SamplingRow
 from jaxserve.errors import InvalidConfigError
 from jaxserve.speculative.adaptive import AdaptiveController
@@ -151,16 +150,12 @@ class Speculator:
             n0 = s.num_tokens
             full = s.all_token_ids + list(d) if need_hist else None
             n_out = len(s.output_token_ids)
-            masked = s.token_mask is not None or s.bad_word_ids
             for j in range(Q):  # position j samples output token n_out + j given prefix + d_1..d_j
                 jj = min(j, len(d))
-                # the token mask (allowed_token_ids, bad_words) as it stands after the first jj drafts
-                mask = (step_token_mask(s.token_mask, s.bad_word_ids, list(s.output_token_ids) + list(d[:jj]),
-                                        r.model_cfg.vocab_size) if masked else None)
                 entries.append(SamplingRow(s.params, full[:n0 + jj] if need_hist else [], len(s.prompt_token_ids),
                                            n_out + jj, s.seed,
                                            sorted(s.stop_token_ids) if n_out + jj < s.params.min_tokens else [],
-                                           mask))
+                                           r.token_mask(s, d[:jj])))
         return r.run(self._programs, (R, Q), inp, r.sampling_inputs(entries, R * Q), len(rows))
 
     # -------------------------------------------------------------- bookkeeping
