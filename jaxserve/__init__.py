@@ -10,10 +10,10 @@ def __getattr__(name):  # lazy: `import jaxserve` stays cheap for host-only user
         from jaxserve.llm import LLM
 
         return LLM
-    if name in ("SamplingParams",):
-        from jaxserve.sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from jaxserve import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from jaxserve.engine import outputs
 
@@ -21,4 +21,4 @@ def __getattr__(name):  # lazy: `import jaxserve` stays cheap for host-only user
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "JaxserveError"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "JaxserveError"]

@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 from jaxserve.errors import InvalidSamplingParamsError
 
 
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (a fixed-shape sampler input)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `StructuredOutputsParams`); exactly one field is set.
+
+    json: a JSON schema (dict or JSON text); json_object: any JSON object; regex: a regular expression (Rust
+    `regex` syntax); choice: one of these strings; grammar: a Lark or GBNF (llama.cpp) grammar. Compiled with
+    llguidance (jaxserve/engine/structured.py); a grammar that does not compile is refused at add_request.
+    """
+
+    json: Optional[Union[str, Dict[str, Any]]] = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[Sequence[str]] = None
+    grammar: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        set_ += ["json_object"] if self.json_object else []
+        if len(set_) != 1:
+            raise InvalidSamplingParamsError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice, grammar"
+                + (f"; got {', '.join(set_)}" if set_ else ""))
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise InvalidSamplingParamsError("structured_outputs.json must be a JSON schema (object or JSON text)")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise InvalidSamplingParamsError("structured_outputs.regex must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise InvalidSamplingParamsError("structured_outputs.grammar must be a non-empty string")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) and c for c in self.choice) \
+                    or not self.choice:
+                raise InvalidSamplingParamsError("structured_outputs.choice must be a non-empty list of strings")
+            self.choice = list(self.choice)
+
+    def key(self) -> str:
+        """A string naming this grammar (the compile cache's key)."""
+        return json.dumps({"json": self.json, "json_object": self.json_object, "regex": self.regex,
+                           "choice": self.choice, "grammar": self.grammar}, sort_keys=True)
 
 
 @dataclass
@@ -27,6 +68,9 @@ class SamplingParams:
     `bad_words` are never generated (a one-token word's id is banned; for a longer word, its last token is
     banned whenever the output ends with the rest of it; each word is matched as written and with a leading
     space).
+
+    `structured_outputs` (a StructuredOutputsParams, or a dict of its fields) constrains the output to a JSON
+    schema, any JSON object, a regex, a choice or a grammar; the sequence stops when the grammar is complete.
     """
 
     n: int = 1
@@ -49,8 +93,17 @@ class SamplingParams:
     logit_bias: Optional[Dict[int, float]] = None
     allowed_token_ids: Optional[Sequence[int]] = None
     bad_words: Optional[Sequence[str]] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise InvalidSamplingParamsError(f"structured_outputs: {e}") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputsParams):
+            raise InvalidSamplingParamsError("structured_outputs must be a StructuredOutputsParams or a dict")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -447,7 +447,7 @@ def test_protocol_parsing_and_shaping():
     for kind, body, param in [
         ("chat", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ("completion", {"prompt": "x", "best_of": 3}, "best_of"),
-        ("chat", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        ("chat", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0]"),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
         ("completion", {"prompt": "x", "logprobs": 6}, "logprobs"),
         ("completion", {"prompt": "x", "stop_token_ids": [600]}, "stop_token_ids"),

@@ -23,6 +23,7 @@ from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from jaxserve.engine.request import Priority, SampledToken, Sequence
 from jaxserve.engine.sampling_inputs import request_token_mask
 from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.structured import GrammarCompiler, consume
 from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError
 from jaxserve.sampling_params import SamplingParams
 
@@ -95,6 +96,7 @@ class LLMEngine:
         self._seq_ids = itertools.count(1)
         self._req_ids = itertools.count()
         self._rng = random.Random(engine_cfg.seed)
+        self.grammars = GrammarCompiler(tokenizer, model_cfg.vocab_size, model_cfg.eos_token_ids)
 
     @property
     def bm(self):
@@ -132,6 +134,9 @@ class LLMEngine:
             token_mask, bad_word_ids = request_token_mask(
                 params, self.model_cfg.vocab_size,
                 encode=(lambda t: self.tokenizer.encode(t, add_bos=False)) if self.tokenizer is not None else None)
+        grammar = None
+        if params.structured_outputs is not None:  # compile (or fetch) the grammar; refused here if it is bad
+            grammar = self.grammars.matcher(params.structured_outputs)
         prompt_ids = self.tokenize_prompt(prompt)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidPromptError(
@@ -153,6 +158,8 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, i, prompt_ids, params, seed, priority,
                            self.model_cfg.eos_token_ids, self.max_model_len)
             seq.token_mask, seq.bad_word_ids = token_mask, bad_word_ids
+            if grammar is not None:
+                seq.grammar = grammar if i == 0 else grammar.deep_copy()
             if self.tokenizer is not None:
                 from jaxserve.weights.tokenizer import IncrementalDetokenizer
 
@@ -205,14 +212,24 @@ class LLMEngine:
                 for i, row in enumerate(out.rows)]
 
     def _detokenize(self, seq: Sequence, token: int):
-        """The scheduler's stop check: extend the text; the stop string that ended it, or None."""
-        if seq.detokenizer is None:
-            return None
-        delta = seq.detokenizer.add(token)
-        if not delta:
-            return None
-        seq.output_text += delta
-        return self._check_stop_strings(seq, len(delta)) if seq.params.stop else None
+        """The scheduler's stop check: extend the text and advance the grammar; the stop string that ended it
+        (or the grammar's end, stop_reason None), or None."""
+        ended = False
+        if seq.grammar is not None:
+            state = consume(seq.grammar, token)
+            if state == "error":  # cannot happen for a masked sample; stop rather than emit ungrammatical text
+                log.warning("sequence %s: token %d is outside its grammar (%s); stopping it", seq.seq_id, token,
+                            seq.grammar.get_error())
+            ended = state is not None
+        stop = None
+        if seq.detokenizer is not None:
+            delta = seq.detokenizer.add(token)
+            if delta:
+                seq.output_text += delta
+                stop = self._check_stop_strings(seq, len(delta)) if seq.params.stop else None
+        if stop is None and ended:
+            return ""  # (stop strings are never empty: the scheduler reports this one as stop_reason None)
+        return stop
 
     def _record(self, out, upd, seconds: float) -> None:
         st = self.stats

@@ -93,6 +93,7 @@ class Sequence:
         # allowed_token_ids / bad_words (sampling_inputs.request_token_mask; set by the engine at admission)
         self.token_mask = None
         self.bad_word_ids: list = []
+        self.grammar = None  # structured output: this sequence's llguidance matcher (engine/structured.py)
         self.metrics = SeqMetrics()
         self.eos_token_ids = tuple(eos_ids)
         self.max_len = max_len  # the engine's context, tokens

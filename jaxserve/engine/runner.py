@@ -28,6 +28,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.placement import Placement
 from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample
 from jaxserve.engine.sampling_inputs import build_sampling_arrays, mask_words, step_token_mask
+from jaxserve.engine.structured import grammar_mask
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step
 from jaxserve.weights.quantize import ensure_quantized
@@ -374,12 +375,17 @@ class ModelRunner:
         return self.sampling_inputs(entries, R)
 
     def token_mask(self, seq, drafts=()):
-        """The packed token mask (allowed_token_ids, bad_words) of a sequence's next sample, after `drafts` (a
-        verify step's draft tokens before the sampled position) are appended to its output; None: none."""
-        if seq.token_mask is None and not seq.bad_word_ids:
-            return None
-        out = list(seq.output_token_ids) + list(drafts) if drafts else seq.output_token_ids
-        return step_token_mask(seq.token_mask, seq.bad_word_ids, out, self.model_cfg.vocab_size)
+        """The packed token mask (allowed_token_ids, bad_words, the structured-output grammar) of a sequence's
+        next sample, after `drafts` (a verify step's draft tokens before the sampled position, which the grammar
+        must accept) are appended to its output; None: none."""
+        mask = None
+        if seq.token_mask is not None or seq.bad_word_ids:
+            out = list(seq.output_token_ids) + list(drafts) if drafts else seq.output_token_ids
+            mask = step_token_mask(seq.token_mask, seq.bad_word_ids, out, self.model_cfg.vocab_size)
+        if seq.grammar is not None:
+            g = grammar_mask(seq.grammar, self.W, drafts)
+            mask = g if mask is None else np.bitwise_and(mask, g)
+        return mask
 
     @property
     def programs(self) -> dict:

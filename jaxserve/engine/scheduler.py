@@ -328,7 +328,7 @@ class Scheduler:
         if stop_check is not None:
             stop = stop_check(seq, token)
             if stop is not None:
-                seq.finish("stop", stop)
+                seq.finish("stop", stop or None)  # "": a structured output's grammar ended
                 return
         if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= seq.max_len:
             seq.finish("length")

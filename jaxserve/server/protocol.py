@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from jaxserve.errors import JaxserveError
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxserve.server.tools import (ToolError, ToolSpec, may_be_tool_call, messages_for_template, parse_tool_calls,
+                                   parse_tools, template_knows_tools, tool_grammar)
 
 COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"
@@ -67,6 +69,7 @@ class ParsedRequest:
     echo: bool = False
     logprobs: Optional[int] = None  # top-n to report; None: no logprobs
     priority: Optional[str] = None  # "interactive" | "batch" | None (caller's default)
+    tools: Optional[ToolSpec] = None  # chat: the offered tools and tool_choice (server/tools.py)
 
     @property
     def num_choices(self) -> int:
@@ -165,12 +168,18 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist. Served models: {', '.join(self.model_names)}",
                            "invalid_request_error", "model", "model_not_found")
         self._reject_unsupported(kind, body)
+        tools = None
         if kind == "chat":
-            texts = [self._chat_prompt(body.get("messages"))]
+            try:
+                tools = parse_tools(body)
+            except ToolError as e:
+                raise bad_request(str(e), e.param, "invalid_value") from None
+            texts = [self._chat_prompt(body.get("messages"), tools)]
             prompts = [self._tokenize(texts[0], "messages")]
         else:
             texts, prompts = self._completion_prompts(body.get("prompt"))
         params = self._sampling_params(kind, body)
+        params.structured_outputs = self._structured_outputs(body, tools)
         stream = _bool(body, "stream", False)
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
@@ -191,7 +200,57 @@ class OpenAIServing:
         if logprobs is not None:
             params.logprobs = logprobs
         priority = parse_priority(body.get("priority")) or parse_priority(priority_header, "X-Priority")
-        return ParsedRequest(kind, model, prompts, texts, params, stream, include_usage, echo, logprobs, priority)
+        return ParsedRequest(kind, model, prompts, texts, params, stream, include_usage, echo, logprobs, priority,
+                             tools if tools is not None and tools.active else None)
+
+    # -------------------------------------------------------------- structured output (engine/structured.py)
+    def _structured_outputs(self, body: dict, tools: Optional[ToolSpec]) -> Optional[StructuredOutputsParams]:
+        """The request's output constraint: OpenAI `response_format`, vLLM's `guided_json` / `guided_regex` /
+        `guided_choice` / `guided_grammar` or `structured_outputs`, or a forced tool call; at most one. The
+        grammar is compiled here (400 if it does not) so the engine thread finds it in its cache."""
+        found = []
+        rf = body.get("response_format")
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind == "json_object":
+                found.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                schema = js.get("schema") if isinstance(js, dict) else None
+                if not isinstance(schema, dict):
+                    raise bad_request("response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
+                                      "{...}}}", "response_format", "invalid_value")
+                found.append(("response_format", {"json": schema}))
+            elif kind != "text":
+                raise bad_request("response_format type must be 'text', 'json_object' or 'json_schema'",
+                                  "response_format", "invalid_value")
+        for key, field_ in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar")):
+            if body.get(key) is not None:
+                found.append((key, {field_: body[key]}))
+        if body.get("structured_outputs") is not None:
+            if not isinstance(body["structured_outputs"], dict):
+                raise bad_request("'structured_outputs' must be an object", "structured_outputs", "invalid_type")
+            found.append(("structured_outputs", body["structured_outputs"]))
+        forced = tool_grammar(tools) if tools is not None else None
+        if forced is not None:
+            found.append(("tool_choice", forced))
+        if len(found) > 1:
+            raise bad_request(f"only one output constraint per request; got {', '.join(k for k, _ in found)}",
+                              found[1][0], "invalid_value")
+        if not found:
+            return None
+        param, spec = found[0]
+        try:
+            so = spec if isinstance(spec, StructuredOutputsParams) else StructuredOutputsParams(**spec)
+            grammars = getattr(self.engine, "grammars", None)
+            if grammars is not None:
+                grammars.matcher(so)  # compiles (cached); raises on a bad schema / regex / grammar
+        except TypeError as e:
+            raise bad_request(f"{param}: {e}", param, "invalid_value") from None
+        except JaxserveError as e:
+            raise bad_request(str(e), param, "invalid_grammar") from None
+        return so
 
     # -------------------------------------------------------------- /tokenize, /detokenize (vLLM's shapes)
     def _check_model(self, body: dict) -> None:
@@ -234,13 +293,11 @@ class OpenAIServing:
     def _reject_unsupported(self, kind: str, body: dict) -> None:
         if body.get("suffix"):
             raise bad_request("'suffix' is not supported", "suffix", "unsupported_parameter")
-        for key in ("tools", "functions"):
-            if body.get(key):
-                raise bad_request(f"'{key}' (tool calling) is not supported", key, "unsupported_parameter")
-        rf = body.get("response_format")
-        if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format",
+        if body.get("functions"):
+            raise bad_request("'functions' (deprecated) is not supported; use 'tools'", "functions",
                               "unsupported_parameter")
+        if kind != "chat" and body.get("tools"):
+            raise bad_request("'tools' is a chat completions parameter", "tools", "unsupported_parameter")
         best_of = body.get("best_of")
         if best_of is not None and best_of != body.get("n", 1):
             raise bad_request("'best_of' different from 'n' is not supported", "best_of", "unsupported_parameter")
@@ -277,7 +334,7 @@ class OpenAIServing:
         texts = [p if isinstance(p, str) else None for p in items]
         return texts, ids
 
-    def _chat_prompt(self, messages) -> str:
+    def _chat_prompt(self, messages, tools: Optional[ToolSpec] = None) -> str:
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages",
                               "invalid_type" if messages is not None else "missing_required_parameter")
@@ -300,9 +357,25 @@ class OpenAIServing:
             elif content is not None and not isinstance(content, str):
                 raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content",
                                   "invalid_type")
-            clean.append({"role": "system" if role == "developer" else role, "content": content or ""})
+            msg = {"role": "system" if role == "developer" else role, "content": content or ""}
+            calls = m.get("tool_calls")
+            if calls is not None:
+                if role != "assistant" or not isinstance(calls, list) or not all(
+                        isinstance(c, dict) and isinstance(c.get("function"), dict)
+                        and isinstance(c["function"].get("name"), str) for c in calls):
+                    raise bad_request(f"{param}.tool_calls must be a list of {{'function': {{'name', 'arguments'}}}} "
+                                      "on an assistant message", f"{param}.tool_calls", "invalid_value")
+                msg["tool_calls"] = calls
+            if role == "tool" and m.get("tool_call_id") is not None:
+                msg["tool_call_id"] = m["tool_call_id"]
+            clean.append(msg)
+        template = self.tokenizer.chat_template_source if self.tokenizer is not None else None
+        native = template_knows_tools(template)
+        clean = messages_for_template(clean, tools, native)
         try:
-            return self.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                clean, add_generation_prompt=True,
+                tools=tools.openai_tools() if native and tools is not None and tools.active else None)
         except JaxserveError as e:
             raise bad_request(str(e), "messages", "invalid_prompt") from None
 
@@ -426,8 +499,11 @@ class OpenAIServing:
                 if req.logprobs is not None and c.logprobs is not None:
                     lp = self.logprobs_block(req.kind, c.token_ids, c.logprobs, req.logprobs)
                 if req.kind == "chat":
-                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                    message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+                    calls = parse_tool_calls(c.text, req.tools) if req.tools is not None else None
+                    if calls:
+                        message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+                    choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
                 else:
                     text = (self._prompt_text(req, i) + c.text) if req.echo else c.text
                     choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
@@ -456,6 +532,18 @@ class StreamState:
     sent_tokens: dict = field(default_factory=dict)  # choice index -> tokens whose logprobs were sent
     finished: set = field(default_factory=set)
     latest: dict = field(default_factory=dict)  # prompt index -> latest RequestOutput
+    released: set = field(default_factory=set)  # tools: choices whose text is known not to be a call
+
+    def _holding(self, k: int, c) -> bool:
+        """With tools offered, an answer that may still be a tool call is held back until it is known: a forced
+        call always; under "auto", until its text starts like something else."""
+        tools = self.req.tools
+        if tools is None or k in self.released:
+            return False
+        if not tools.forced and not may_be_tool_call(c.text):
+            self.released.add(k)
+            return False
+        return c.finish_reason is None
 
     def _chunk(self, choices: list, usage=None) -> dict:
         out = {"id": self.request_id,
@@ -488,8 +576,13 @@ class StreamState:
             k = prompt_index * req.params.n + c.index
             if k in self.finished:
                 continue
+            if self._holding(k, c):
+                continue
             t0, n0 = self.sent_text.get(k, 0), self.sent_tokens.get(k, 0)
             delta = c.text[t0:]
+            calls = None
+            if req.tools is not None and k not in self.released and c.finish_reason is not None:
+                calls = parse_tool_calls(c.text, req.tools)
             lp = None
             if req.logprobs is not None and c.logprobs is not None:
                 new_toks = c.token_ids[n0:]
@@ -501,7 +594,11 @@ class StreamState:
             if not delta and lp is None and not done:
                 continue
             self.sent_text[k] = len(c.text)
-            if req.kind == "chat":
+            if calls:  # the whole call in one delta, then the finish chunk
+                chunks.append(self._chunk([{"index": k, "delta": {"tool_calls": [
+                    {"index": j, **call} for j, call in enumerate(calls)]}, "logprobs": lp, "finish_reason": None}]))
+                choice = {"index": k, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+            elif req.kind == "chat":
                 choice = {"index": k, "delta": {"content": delta} if delta or not done else {}, "logprobs": lp,
                           "finish_reason": c.finish_reason}
             else:

@@ -30,6 +30,7 @@ import jax
 
 from jaxserve.engine.request import SampledToken
 from jaxserve.engine.runner import SamplingRow
+from jaxserve.engine.structured import valid_prefix
 from jaxserve.errors import InvalidConfigError
 from jaxserve.speculative.adaptive import AdaptiveController
 from jaxserve.speculative.config import SpeculativeConfig
@@ -108,6 +109,8 @@ class Speculator:
         drafts = [[] for _ in rows]
         if any(ks):
             drafts = self.proposer.propose(seqs, ks, [row.block_table for row in rows])
+            # a structured-output row verifies only the drafts its grammar accepts
+            drafts = [d if s.grammar is None or not d else valid_prefix(s.grammar, d) for s, d in zip(seqs, drafts)]
         if not any(drafts):
             t0 = time.perf_counter()
             res = self.runner.execute("decode", rows, bucket)

@@ -111,7 +111,7 @@ CHAT_TEMPLATES: dict = {
 }
 
 
-def _render_jinja(template: str, messages, add_generation_prompt, bos_token, eos_token) -> str:
+def _render_jinja(template: str, messages, add_generation_prompt, bos_token, eos_token, tools=None) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
@@ -120,7 +120,8 @@ def _render_jinja(template: str, messages, add_generation_prompt, bos_token, eos
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token,
+        tools=tools,
     )
 
 
@@ -259,10 +260,11 @@ class Tokenizer:
         return self._tok.id_to_token(int(token_id))
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
-                            template: Optional[str] = None) -> str:
+                            template: Optional[str] = None, tools: Optional[list] = None) -> str:
         """Render a conversation (`[{"role": "user"|"assistant"|"system", "content": str}, ...]`) as text.
 
-        `template` overrides the tokenizer's own (a `CHAT_TEMPLATES` key or a jinja2 string).
+        `template` overrides the tokenizer's own (a `CHAT_TEMPLATES` key or a jinja2 string). `tools` (OpenAI
+        tool objects) are passed to a jinja template (`chat_template_source` tells whether it reads them).
         """
         name = template or self.chat_template
         if name is None:
@@ -277,7 +279,13 @@ class Tokenizer:
             return fn(messages, add_generation_prompt, self.bos_token, self.eos_token)
         if name not in CHAT_TEMPLATES and "{" not in name:
             raise InvalidConfigError(f"unknown chat template {name!r}; known: {', '.join(CHAT_TEMPLATES)}")
-        return _render_jinja(fn, messages, add_generation_prompt, self.bos_token, self.eos_token)
+        return _render_jinja(fn, messages, add_generation_prompt, self.bos_token, self.eos_token, tools)
+
+    @property
+    def chat_template_source(self):
+        """The chat template as a jinja string, or None when it is a built-in family template (or absent)."""
+        name = self.chat_template
+        return name if isinstance(name, str) and name not in CHAT_TEMPLATES and "{" in name else None
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={self.eos_ids})"
