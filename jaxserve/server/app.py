@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loop.start(asyncio.get_running_loop())
+        grammars = getattr(engine, "grammars", None)
+        if grammars is not None and engine.tokenizer is not None:  # build the grammar tokenizer off the first request
+            threading.Thread(target=grammars.warm, name="jaxserve-grammar-warm", daemon=True).start()
         log.info("engine loop started; serving %s", ", ".join(names))
         try:
             yield
