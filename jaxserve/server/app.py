@@ -313,6 +313,11 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
     async def tokenize(request: Request):
         return await tokenizer_call(request, state.serving.tokenize)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        check_auth(request)
+        return state.serving.tokenizer_info()
+
     @app.post("/detokenize")
     async def detokenize(request: Request):
         return await tokenizer_call(request, state.serving.detokenize)

@@ -277,6 +277,17 @@ class OpenAIServing:
         ids = self.tokenizer.encode(text, add_bos=add_special)
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
 
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: the special tokens and chat template (what lm-evaluation-harness's remote
+        tokenizer reads to tokenize on the server instead of fetching the tokenizer from a hub)."""
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "invalid_request_error", None, "no_tokenizer")
+        tok = self.tokenizer
+        pad = tok.id_to_token(tok.pad_id) if getattr(tok, "pad_id", None) is not None else None
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token or None,
+                "eos_token": tok.eos_token or None, "pad_token": pad,
+                "chat_template": tok.chat_template_source, "model_max_length": self.engine.max_model_len}
+
     def detokenize(self, body) -> dict:
         """{"tokens": [ids]} -> {"prompt": text} (special tokens kept, as vLLM does)."""
         if not isinstance(body, dict):
