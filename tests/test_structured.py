@@ -301,3 +301,32 @@ def test_server_bad_structured_requests_are_400(server):
         assert err["type"] == "invalid_request_error" and err["param"] == param, (extra, err)
     r = http.post("/v1/chat/completions", json={**chat, "guided_choice": ["ok"]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
+
+
+def test_a_template_that_knows_tools_gets_them():
+    """A jinja chat template that renders `tools` (as Qwen's and Llama 3.x's do) receives them; the tool-less
+    family templates get them as a system message instead."""
+    import types
+
+    from jaxserve.server.protocol import OpenAIServing
+    from jaxserve.weights.tokenizer import make_random_model_tokenizer
+
+    template = ("{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    for chat_template, native in ((template, True), ("llama3", False)):
+        tok = make_random_model_tokenizer(512, bos_id=1, eos_ids=(2,), chat_template=chat_template)
+        eng = types.SimpleNamespace(tokenizer=tok, max_model_len=4096, cfg=types.SimpleNamespace(max_logprobs=5),
+                                    model_cfg=types.SimpleNamespace(vocab_size=512, name="stub"))
+        eng.tokenize_prompt = lambda p, _t=tok: _t.encode(p)
+        sv = OpenAIServing(eng, ["stub"])
+        req = sv.parse("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, TIME]})
+        text = req.prompt_texts[0]
+        assert ("<tools>get_weather;get_time;</tools>" in text) == native, text
+        assert ("You can call these functions" in text) == (not native), text
+        assert req.tools is not None and req.params.structured_outputs is None  # "auto": unconstrained
+        forced = sv.parse("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+                                   "tool_choice": "required"})
+        assert forced.params.structured_outputs.json["properties"]["name"] == {"const": "get_weather"}
+        none = sv.parse("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+                                 "tool_choice": "none"})
+        assert none.tools is None and "get_weather" not in none.prompt_texts[0]
