@@ -28,7 +28,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.placement import Placement
 from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample
 from jaxserve.engine.sampling_inputs import build_sampling_arrays, mask_words, step_token_mask
-from jaxserve.engine.structured import grammar_mask
+from jaxserve.engine.structured import fill_masks, grammar_mask
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
 from jaxserve.models.transformer import StepInputs, forward_step
 from jaxserve.weights.quantize import ensure_quantized
@@ -364,6 +364,11 @@ class ModelRunner:
 
     def _sampling_arrays(self, rows: list, R: int) -> SamplingTensors:
         need_hist = any(r.seq.params.uses_history for r in rows)
+        # the structured-output rows' grammar masks, computed together (in parallel); rows that sample nothing
+        # this step (a prefill chunk short of the prompt's end) need none
+        constrained = [r.seq for r in rows if r.seq.grammar is not None and r.start + r.num_new >= r.seq.num_tokens]
+        grammar = dict(zip((s.seq_id for s in constrained),
+                           fill_masks([s.grammar for s in constrained], self.W))) if constrained else {}
         entries = []
         for r in rows:
             s = r.seq
@@ -371,19 +376,21 @@ class ModelRunner:
                 s.params, s.all_token_ids[: r.start + r.num_new] if need_hist else [], len(s.prompt_token_ids),
                 len(s.output_token_ids), s.seed,
                 sorted(s.stop_token_ids) if len(s.output_token_ids) < s.params.min_tokens else [],
-                self.token_mask(s)))
+                None if s.grammar is not None and s.seq_id not in grammar  # (samples nothing this step)
+                else self.token_mask(s, grammar=grammar.get(s.seq_id))))
         return self.sampling_inputs(entries, R)
 
-    def token_mask(self, seq, drafts=()):
+    def token_mask(self, seq, drafts=(), grammar=None):
         """The packed token mask (allowed_token_ids, bad_words, the structured-output grammar) of a sequence's
         next sample, after `drafts` (a verify step's draft tokens before the sampled position, which the grammar
-        must accept) are appended to its output; None: none."""
+        must accept) are appended to its output; None: none. `grammar`: the grammar's mask, if already computed
+        (`structured.fill_masks`)."""
         mask = None
         if seq.token_mask is not None or seq.bad_word_ids:
             out = list(seq.output_token_ids) + list(drafts) if drafts else seq.output_token_ids
             mask = step_token_mask(seq.token_mask, seq.bad_word_ids, out, self.model_cfg.vocab_size)
         if seq.grammar is not None:
-            g = grammar_mask(seq.grammar, self.W, drafts)
+            g = grammar if grammar is not None else grammar_mask(seq.grammar, self.W, drafts)
             mask = g if mask is None else np.bitwise_and(mask, g)
         return mask
 

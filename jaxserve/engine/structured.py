@@ -132,6 +132,25 @@ def fill_mask(matcher, out: np.ndarray) -> np.ndarray:
     return out
 
 
+_executor = None
+
+
+def fill_masks(matchers, words: int) -> np.ndarray:
+    """int32[len(matchers), words]: each matcher's next-token bitmask, computed in parallel (llguidance's
+    executor threads, outside the GIL) — a step's constrained rows at once."""
+    global _executor
+    out = np.empty((len(matchers), words), np.int32)
+    if len(matchers) == 1:
+        fill_mask(matchers[0], out[0])
+        return out
+    llg = _import_llguidance()
+    if _executor is None:
+        _executor = llg.LLExecutor()
+    _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], out.ctypes.data, words * 4,
+                                      len(matchers))
+    return out
+
+
 def grammar_mask(matcher, words: int, drafts=()) -> np.ndarray:
     """int32[words]: the allowed next tokens after `drafts` (tokens not yet consumed) are appended. The matcher is
     left as it was. Drafts the grammar refuses are a caller error (see `valid_prefix`)."""
