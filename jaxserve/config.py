@@ -533,10 +533,24 @@ class EngineConfig:
         if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)
                 or self.quant_group_size <= 0):
             raise InvalidConfigError(f"quant_group_size must be a positive integer, got {self.quant_group_size!r}")
+        if model.is_moe:
+            self._validate_moe(model)
         if self.model_len(model) > model.max_position_embeddings:
             raise InvalidConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context {model.max_position_embeddings}"
             )
+
+    def _validate_moe(self, model: ModelConfig) -> None:
+        """What mixture-of-experts models (models/transformer.py's moe_mlp) do not support yet."""
+        if self.batch_invariant:
+            raise InvalidConfigError(
+                f"batch_invariant=True is not supported for the mixture-of-experts model {model.name}: its grouped "
+                f"expert matmuls (jax.lax.ragged_dot) are not tiled to fixed row counts, so a token's result may "
+                f"depend on what shares its step; use batch_invariant=False")
+        if self.quantization is not None:
+            raise InvalidConfigError(
+                f"quantization={self.quantization!r} is not supported for the mixture-of-experts model "
+                f"{model.name}: its expert weights have no quantized form yet; use quantization=None")
 
     def model_len(self, model: ModelConfig) -> int:
         if self.max_model_len is not None:

@@ -231,7 +231,69 @@ def lm_head(cfg: ModelConfig, params, x, inv: bool = False):
 
 
 def mlp(cfg: ModelConfig, lp, h, inv: bool = False):
+    if cfg.is_moe:
+        return moe_mlp(cfg, lp, h)
     return dense(activation(cfg, dense(h, lp["w_gate"], inv)) * dense(h, lp["w_up"], inv), lp["w_down"], inv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): router -> top-k -> grouped matmuls over tokens sorted by expert
+# ----------------------------------------------------------------------------------------------
+#
+# Layer weights: router [D, E]; experts_gate / experts_up [E, D, F]; experts_down [E, F, D]; Qwen2-MoE's shared
+# expert shared_w_gate / shared_w_up [D, Fs], shared_w_down [Fs, D] and its sigmoid gate shared_expert_gate [D, 1].
+# A step's T tokens make T*k (token, expert) rows, a static count per bucket: sorted by expert, the rows go through
+# each expert's weights as one ragged matmul (`group_sizes` = rows per expert, data, not shape), so nothing
+# recompiles however the router splits them and no token is multiplied by an expert it was not routed to.
+
+
+def route(cfg: ModelConfig, lp, x):
+    """x [T, D] -> (weights f32[T, k], experts i32[T, k]): softmax over all experts in float32, top-k, the k
+    probabilities renormalised when `cfg.norm_topk_prob` (transformers' Mixtral / Qwen*Moe TopKRouter)."""
+    logits = dense(x, lp["router"], out_dtype=jnp.float32).astype(jnp.float32)
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts
+
+
+def grouped_matmul(x, w, group_sizes):
+    """x [M, K], rows sorted by group, times w [G, K, N]: row i of group g gives x[i] @ w[g]; rows past
+    sum(group_sizes) give zeros. `jax.lax.ragged_dot`; narrow floats (bf16) accumulate in float32."""
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def experts_mlp(cfg: ModelConfig, lp, x, weights, experts):
+    """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for x [T, D], weights / experts [T, k] -> [T, D].
+
+    The T*k (token, expert) rows are sorted by expert (stable), run through three grouped matmuls (gate, up,
+    down of each expert's SwiGLU), put back in (token, j) order and summed over j with the routing weights."""
+    T, D = x.shape
+    k = experts.shape[-1]
+    flat = experts.reshape(-1)  # [T*k], row r = (token r // k, choice r % k)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    xs = x[order // k]  # [T*k, D] grouped by expert
+    h = activation(cfg, grouped_matmul(xs, lp["experts_gate"], sizes)) * grouped_matmul(xs, lp["experts_up"], sizes)
+    y = grouped_matmul(h, lp["experts_down"], sizes)
+    y = y[jnp.argsort(order)].reshape(T, k, D)  # back to (token, choice) order
+    return jnp.sum(y.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
+
+
+def moe_mlp(cfg: ModelConfig, lp, h):
+    """The MoE MLP of one layer over h [..., D] (see `route`, `experts_mlp`); plus Qwen2-MoE's shared expert,
+    sigmoid(h @ shared_expert_gate) * SwiGLU(h), on every token."""
+    lead, D = h.shape[:-1], h.shape[-1]
+    x = h.reshape(-1, D)
+    weights, experts = route(cfg, lp, x)
+    out = experts_mlp(cfg, lp, x, weights, experts)
+    if cfg.shared_expert_intermediate_size:
+        gated = activation(cfg, dense(x, lp["shared_w_gate"])) * dense(x, lp["shared_w_up"])
+        shared = dense(gated, lp["shared_w_down"])
+        out = out + jax.nn.sigmoid(dense(x, lp["shared_expert_gate"])) * shared
+    return out.reshape(*lead, D)
 
 
 def qkv(cfg: ModelConfig, lp, h, positions, inv_freq, inv: bool = False):
