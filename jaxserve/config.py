@@ -240,11 +240,17 @@ class ModelConfig:
         """Mixtral, Qwen2-MoE, Qwen3-MoE (transformers' modeling_{mixtral,qwen2_moe,qwen3_moe}.py)."""
         if hf.get("hidden_act", "silu") != "silu":
             raise InvalidConfigError(f"{mt}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+        # Mixtral's key is num_local_experts, Qwen's num_experts (transformers 5 writes Qwen3-MoE's under both names
+        # or only num_local_experts).
+        num_experts = hf["num_local_experts"] if "num_local_experts" in hf else hf["num_experts"]
+        if not 0 < hf["num_experts_per_tok"] <= num_experts:
+            raise InvalidConfigError(f"{mt}: num_experts_per_tok={hf['num_experts_per_tok']} must be in "
+                                     f"1..{num_experts} (the number of experts)")
         if mt == "mixtral":
             # Every layer sparse; softmax -> top-k -> renormalise (MixtralTopKRouter); experts of intermediate_size.
             return cls(
                 arch="llama", hidden_act="silu", rope_scaling=scaling, sliding_window=hf.get("sliding_window"),
-                num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
                 moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True, chat_template="mistral",
                 **common,
             )
@@ -263,7 +269,7 @@ class ModelConfig:
             arch="llama", hidden_act="silu", rope_scaling=scaling,
             attention_bias=bool(hf.get("qkv_bias", True)) if mt == "qwen2_moe" else bool(hf.get("attention_bias")),
             qk_norm=(mt == "qwen3_moe"),
-            num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+            num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
             moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
             shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size", 0) if mt == "qwen2_moe"
                                              else 0),
