@@ -16,7 +16,7 @@ import pytest
 
 from jaxserve.config import ModelConfig, get_preset
 from jaxserve.errors import InvalidConfigError
-from jaxserve.models.transformer import experts_mlp, moe_mlp, route
+from jaxserve.models.transformer import experts_mlp, grouped_matmul, grouped_matmul_tiles, moe_mlp, route
 from jaxserve.weights.random_init import random_params
 
 TOL = 1e-5
@@ -79,6 +79,25 @@ def test_experts_mlp_uneven_routing_matches_dense():
         want = _combine(reference, weights.astype(np.float64), experts)
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
     assert fn._cache_size() == 1  # group sizes are data: nothing recompiles
+
+
+@pytest.mark.parametrize("sizes", [[0, 7, 0, 0, 12, 1, 0], [20, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 3],
+                                   [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
+def test_grouped_matmul_implementations(sizes):
+    """ragged_dot and the tiled CPU loop (tiles of 4 and 32 rows: groups spanning tiles, several groups in one
+    tile, empty groups, rows past the last group) against per-group numpy matmuls; 20 rows."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((20, 16)).astype(np.float32)
+    w = rng.standard_normal((7, 16, 24)).astype(np.float32)
+    want = np.zeros((20, 24))
+    r = 0
+    for g, n in enumerate(sizes):
+        want[r:r + n] = x[r:r + n].astype(np.float64) @ w[g]
+        r += n
+    gs = jnp.asarray(sizes, jnp.int32)
+    for got in (grouped_matmul(x, w, gs, impl="ragged_dot"), grouped_matmul(x, w, gs, impl="tiles"),
+                jax.jit(lambda x, w, gs: grouped_matmul_tiles(x, w, gs, tile=4))(x, w, gs)):
+        np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
 
 
 def test_experts_mlp_all_tokens_on_one_expert():
@@ -173,3 +192,65 @@ def test_random_weight_engine_generates():
     params = random_params(get_preset("tiny-qwen2-moe"), 0)
     logits = np.asarray(reference_forward(get_preset("tiny-qwen2-moe"), params, prompt + toks[:-1]))
     np.testing.assert_array_equal(logits[len(prompt) - 1:].argmax(-1), toks)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _write_hf_dir(path, cfg: ModelConfig, params, fused: bool, drop=()):
+    """`params` written as a Qwen3-MoE-style HF directory: per-expert tensors (save_pretrained's layout) or
+    transformers 5's fused expert stacks; keys in `drop` left out."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    lay = params["layers"]
+    t = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"],
+         "lm_head.weight": params["lm_head"].T}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": lay["attn_norm"][i], p + "post_attention_layernorm.weight": lay["mlp_norm"][i],
+              p + "self_attn.q_norm.weight": lay["q_norm"][i], p + "self_attn.k_norm.weight": lay["k_norm"][i],
+              p + "mlp.gate.weight": lay["router"][i].T}
+        for hf, ours in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
+            t[p + f"self_attn.{hf}_proj.weight"] = lay[ours][i].T
+        if fused:
+            gate_up = np.concatenate([lay["experts_gate"][i], lay["experts_up"][i]], axis=-1)  # [E, D, 2F]
+            t[p + "mlp.experts.gate_up_proj"] = gate_up.transpose(0, 2, 1)
+            t[p + "mlp.experts.down_proj"] = lay["experts_down"][i].transpose(0, 2, 1)
+        else:
+            for j in range(cfg.num_experts):
+                for hf, ours in (("gate_proj", "experts_gate"), ("up_proj", "experts_up"), ("down_proj", "experts_down")):
+                    t[p + f"mlp.experts.{j}.{hf}.weight"] = lay[ours][i, j].T
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in t.items() if k not in drop},
+              str(path / "model.safetensors"))
+    hf = dict(model_type="qwen3_moe", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=128,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+              head_dim=cfg.head_dim, num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+              moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=True, tie_word_embeddings=False,
+              rms_norm_eps=cfg.rms_norm_eps, eos_token_id=2)
+    (path / "config.json").write_text(json.dumps(hf))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_safetensors_round_trip(tmp_path, fused):
+    from jaxserve.weights.safetensors_loader import load_hf_dir
+
+    cfg = get_preset("tiny-mixtral").replace(qk_norm=True, norm_topk_prob=True, rms_norm_eps=1e-6)
+    params = random_params(cfg, 2)
+    _write_hf_dir(tmp_path, cfg, params, fused)
+    got_cfg, got = load_hf_dir(str(tmp_path))
+    assert (got_cfg.num_experts, got_cfg.moe_intermediate_size, got_cfg.qk_norm) == (8, 32, True)
+    assert set(got["layers"]) == set(params["layers"])
+    for k, v in params["layers"].items():
+        np.testing.assert_array_equal(got["layers"][k], v, err_msg=k)
+
+
+def test_safetensors_missing_expert(tmp_path):
+    from jaxserve.errors import CheckpointError
+    from jaxserve.weights.safetensors_loader import load_hf_dir
+
+    cfg = get_preset("tiny-mixtral").replace(qk_norm=True, norm_topk_prob=True)
+    _write_hf_dir(tmp_path, cfg, random_params(cfg, 2), False, drop={"model.layers.1.mlp.experts.5.up_proj.weight"})
+    with pytest.raises(CheckpointError, match=r"experts_up in layers \[1\]"):
+        load_hf_dir(str(tmp_path))
