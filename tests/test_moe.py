@@ -209,8 +209,8 @@ def _write_hf_dir(path, cfg: ModelConfig, params, fused: bool, drop=()):
          "lm_head.weight": params["lm_head"].T}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": lay["attn_norm"][i], p + "post_attention_layernorm.weight": lay["mlp_norm"][i],
-              p + "self_attn.q_norm.weight": lay["q_norm"][i], p + "self_attn.k_norm.weight": lay["k_norm"][i],
+        t |= {p + "input_layernorm.weight": lay["attn_norm"][i],
+              p + "post_attention_layernorm.weight": lay["mlp_norm"][i], p + "self_attn.q_norm.weight": lay["q_norm"][i], p + "self_attn.k_norm.weight": lay["k_norm"][i],
               p + "mlp.gate.weight": lay["router"][i].T}
         for hf, ours in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
             t[p + f"self_attn.{hf}_proj.weight"] = lay[ours][i].T
@@ -220,7 +220,8 @@ def _write_hf_dir(path, cfg: ModelConfig, params, fused: bool, drop=()):
             t[p + "mlp.experts.down_proj"] = lay["experts_down"][i].transpose(0, 2, 1)
         else:
             for j in range(cfg.num_experts):
-                for hf, ours in (("gate_proj", "experts_gate"), ("up_proj", "experts_up"), ("down_proj", "experts_down")):
+                for hf, ours in (("gate_proj", "experts_gate"), ("up_proj", "experts_up"),
+                                 ("down_proj", "experts_down")):
                     t[p + f"mlp.experts.{j}.{hf}.weight"] = lay[ours][i, j].T
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in t.items() if k not in drop},
               str(path / "model.safetensors"))
