@@ -178,6 +178,16 @@ def test_unsupported_engine_options_are_refused():
         LLM("tiny-mixtral", quantization="int8", **common)
 
 
+def test_meshes_refused():
+    from jaxserve.parallel.mesh import check_model_fits_mesh
+
+    cfg = get_preset("qwen3-30b-a3b")
+    check_model_fits_mesh(cfg, {"data": 2, "model": 1, "stage": 1})  # replicas of a one-device model: fine
+    for spec in ({"model": 2}, {"stage": 2}):
+        with pytest.raises(InvalidConfigError, match="mixture-of-experts"):
+            check_model_fits_mesh(cfg, spec)
+
+
 def test_random_weight_engine_generates():
     """A random-weight MoE model through the paged engine: greedy prefill + decode equals the cache-free
     reference forward's argmax at every step."""
