@@ -58,6 +58,16 @@ class ModelConfig:
     eos_token_ids: tuple = (2,)
     pad_token_id: int = 0
     chat_template: Optional[str] = None  # name of a template in jaxserve.weights.tokenizer.CHAT_TEMPLATES
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): with `num_experts` > 0 every layer's MLP is
+    # `num_experts` SwiGLU experts of width `moe_intermediate_size` (`intermediate_size` is then unused);
+    # a router picks `num_experts_per_tok` of them per token: softmax over all experts in float32, top-k, the
+    # k probabilities renormalised to sum 1 when `norm_topk_prob` (Mixtral always). Qwen2-MoE adds a shared
+    # expert of width `shared_expert_intermediate_size` on every token, scaled by sigmoid(x @ w).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
 
     # ---- derived quantities (the only place they are computed) ----
     @property
@@ -98,16 +108,31 @@ class ModelConfig:
         scales = 2 * self.num_kv_heads * 4 if kv_dtype == "int8" else 0
         return (2 * self.num_kv_heads * self.head_dim * per_elem + scales) * self.num_layers
 
-    def num_params(self) -> int:
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters of the model; `active`: those one token uses (a MoE model's `num_experts_per_tok` experts
+        instead of all of them; the same as the total for a dense model)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = d * self.q_size + 2 * d * self.kv_size + self.q_size * d
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
-        mlp = 3 * d * f
+        mlp = 3 * d * f if not self.is_moe else self._moe_params(active)
         norms = 2 * d + (2 * d if self.post_norms else 0) + (2 * self.head_dim if self.qk_norm else 0)
         per_layer = attn + mlp + norms
         embed = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
+
+    def _moe_params(self, active: bool) -> int:
+        """One layer's MoE MLP: router [D, E], the experts (all, or the top-k a token uses), shared expert."""
+        d = self.hidden_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        n = d * self.num_experts + experts * 3 * d * self.moe_intermediate_size
+        if self.shared_expert_intermediate_size:
+            n += 3 * d * self.shared_expert_intermediate_size + d  # + its sigmoid gate [D, 1]
+        return n
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,9 +216,11 @@ class ModelConfig:
                 chat_template="gemma",
                 **{**common, "tie_word_embeddings": hf.get("tie_word_embeddings", True)},
             )
+        if mt in ("mixtral", "qwen2_moe", "qwen3_moe"):
+            return cls._from_hf_moe(hf, mt, common, scaling)
         if mt not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise InvalidConfigError(f"unsupported model_type {mt!r} "
-                                     f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3)")
+            raise InvalidConfigError(f"unsupported model_type {mt!r} (supported: llama, mistral, qwen2, qwen3, "
+                                     f"gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe)")
         # Qwen2/3 declare a sliding window they only use with use_sliding_window (off in their releases).
         window = hf.get("sliding_window") if mt == "mistral" or hf.get("use_sliding_window") else None
         return cls(
@@ -206,6 +233,47 @@ class ModelConfig:
             chat_template={"qwen2": "chatml", "qwen3": "chatml", "mistral": "mistral"}.get(
                 mt, "llama3" if hf["vocab_size"] > 100_000 else "llama2"),
             **common,
+        )
+
+    @classmethod
+    def _from_hf_moe(cls, hf: dict, mt: str, common: dict, scaling) -> "ModelConfig":
+        """Mixtral, Qwen2-MoE, Qwen3-MoE (transformers' modeling_{mixtral,qwen2_moe,qwen3_moe}.py)."""
+        if hf.get("hidden_act", "silu") != "silu":
+            raise InvalidConfigError(f"{mt}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+        # Mixtral's key is num_local_experts, Qwen's num_experts (transformers 5 writes Qwen3-MoE's under both names
+        # or only num_local_experts).
+        num_experts = hf["num_local_experts"] if "num_local_experts" in hf else hf["num_experts"]
+        if not 0 < hf["num_experts_per_tok"] <= num_experts:
+            raise InvalidConfigError(f"{mt}: num_experts_per_tok={hf['num_experts_per_tok']} must be in "
+                                     f"1..{num_experts} (the number of experts)")
+        if mt == "mixtral":
+            # Every layer sparse; softmax -> top-k -> renormalise (MixtralTopKRouter); experts of intermediate_size.
+            return cls(
+                arch="llama", hidden_act="silu", rope_scaling=scaling, sliding_window=hf.get("sliding_window"),
+                num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True, chat_template="mistral",
+                **common,
+            )
+        # Qwen MoE: layers in mlp_only_layers, or not on the decoder_sparse_step grid, have a dense MLP instead.
+        # The layer scan needs one parameter layout for every layer, so only all-sparse models are supported
+        # (every released Qwen1.5/2/3 MoE checkpoint is).
+        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+            raise InvalidConfigError(
+                f"{mt}: models mixing dense and MoE layers (decoder_sparse_step="
+                f"{hf.get('decoder_sparse_step', 1)}, mlp_only_layers={hf.get('mlp_only_layers')}) are not "
+                f"supported; every layer must be sparse (decoder_sparse_step 1, mlp_only_layers [])")
+        if hf.get("use_sliding_window"):
+            raise InvalidConfigError(f"{mt}: use_sliding_window=True (per-layer windows from max_window_layers) "
+                                     f"is not supported")
+        return cls(
+            arch="llama", hidden_act="silu", rope_scaling=scaling,
+            attention_bias=bool(hf.get("qkv_bias", True)) if mt == "qwen2_moe" else bool(hf.get("attention_bias")),
+            qk_norm=(mt == "qwen3_moe"),
+            num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
+            moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size", 0) if mt == "qwen2_moe"
+                                             else 0),
+            chat_template="chatml", **common,
         )
 
 
@@ -329,6 +397,18 @@ PRESETS: dict = {
             attn_logit_softcap=50.0, final_logit_softcap=30.0, max_position_embeddings=8192,
             eos_token_ids=(1, 107),
         ),
+        # Mixture of experts: Mistral AI's Mixtral-8x7B-v0.1 and Qwen's Qwen3-30B-A3B config.json.
+        _llama(
+            "mixtral-8x7b", vocab_size=32_000, hidden_size=4096, intermediate_size=14_336, num_layers=32,
+            num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=32_768,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14_336, chat_template="mistral",
+        ),
+        _llama(
+            "qwen3-30b-a3b", vocab_size=151_936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+            num_heads=32, num_kv_heads=4, head_dim=128, qk_norm=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            max_position_embeddings=40_960, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+            norm_topk_prob=True, bos_token_id=151_643, eos_token_ids=(151_643, 151_645), chat_template="chatml",
+        ),
         # Tiny random-weight configs for unit tests: same code paths, milliseconds to run.
         _llama(
             "tiny-llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -339,6 +419,17 @@ PRESETS: dict = {
             "tiny-qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
             num_kv_heads=1, head_dim=16, attention_bias=True, rope_theta=1_000_000.0,
             max_position_embeddings=1024, eos_token_ids=(2,), chat_template="chatml",
+        ),
+        _llama(
+            "tiny-mixtral", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, max_position_embeddings=1024, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, chat_template="mistral",
+        ),
+        _llama(
+            "tiny-qwen2-moe", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, attention_bias=True, max_position_embeddings=1024, num_experts=6,
+            num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False, shared_expert_intermediate_size=48,
+            chat_template="chatml",
         ),
         _gemma3(
             "tiny-gemma3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
@@ -448,10 +539,24 @@ class EngineConfig:
         if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)
                 or self.quant_group_size <= 0):
             raise InvalidConfigError(f"quant_group_size must be a positive integer, got {self.quant_group_size!r}")
+        if model.is_moe:
+            self._validate_moe(model)
         if self.model_len(model) > model.max_position_embeddings:
             raise InvalidConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context {model.max_position_embeddings}"
             )
+
+    def _validate_moe(self, model: ModelConfig) -> None:
+        """What mixture-of-experts models (models/transformer.py's moe_mlp) do not support yet."""
+        if self.batch_invariant:
+            raise InvalidConfigError(
+                f"batch_invariant=True is not supported for the mixture-of-experts model {model.name}: its grouped "
+                f"expert matmuls (jax.lax.ragged_dot) are not tiled to fixed row counts, so a token's result may "
+                f"depend on what shares its step; use batch_invariant=False")
+        if self.quantization is not None:
+            raise InvalidConfigError(
+                f"quantization={self.quantization!r} is not supported for the mixture-of-experts model "
+                f"{model.name}: its expert weights have no quantized form yet; use quantization=None")
 
     def model_len(self, model: ModelConfig) -> int:
         if self.max_model_len is not None:

@@ -294,6 +294,9 @@ class Plan:
     message: str = ""  # empty when everything fits; otherwise what to change
     # int8 KV only: KV bytes per token of a bfloat16 cache, so the saving is reported next to the int8 figure.
     kv_bytes_per_token_bf16: Optional[int] = None
+    # Mixture of experts: parameters one token uses (num_experts_per_tok experts of each layer); = num_params for
+    # a dense model. The batch-1 decode roofline reads only these weights (a token's experts, attention, head).
+    num_active_params: Optional[int] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -355,7 +358,10 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
                     if sum(shares(n)) <= usable), None)
 
     bw = dev.bandwidth_bytes_per_s
-    step1 = (w_dev + kv_seq_dev) / bw
+    active = model.num_params(active=True)
+    # One token reads its experts' share of the weights (MoE); a full batch is charged all of them.
+    w_active_dev = -(-int(w_total * active / model.num_params()) // num_devices) if model.is_moe else w_dev
+    step1 = (w_active_dev + kv_seq_dev) / bw
     step_max = (w_dev + max_seqs * kv_seq_dev) / bw if max_seqs else None
     tps_max = max_seqs / step_max if step_max else None
 
@@ -398,6 +404,7 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
         weights_fit=weights_fit, fits=fits, min_devices_for_weights=min_w, min_devices=min_all,
         message="\n".join(notes),
         kv_bytes_per_token_bf16=int(model.kv_bytes_per_token("bfloat16")) if kv_dtype == "int8" else None,
+        num_active_params=active,
     )
 
 
@@ -520,7 +527,9 @@ def format_plan(p: Plan) -> str:
     dev = f"{p.num_devices} x {p.device_name}" if p.num_devices > 1 else p.device_name
     per_dev = " per device" if p.num_devices > 1 else ""
     rows = [
-        ("model", f"{p.model} ({p.num_params / 1e9:,.2f}B params)"),
+        ("model", f"{p.model} ({p.num_params / 1e9:,.2f}B params"
+                  + (f", {p.num_active_params / 1e9:,.2f}B active per token)"
+                     if p.num_active_params not in (None, p.num_params) else ")")),
         ("device", f"{dev} ({fmt_bytes(p.device_bytes)}, {p.bandwidth_bytes_per_s / 1e9:,.0f} GB/s each)"),
         ("dtype (weights / KV)", f"{p.dtype} / {p.kv_dtype}"),
         ("weights", f"{fmt_bytes(p.weight_bytes)} ({p.weight_bytes / GB:,.2f} GB)"),

@@ -7,7 +7,9 @@ one) are then checked against transformers' forward pass over the same tokens (t
   that float32 summation order may break either way);
 * the logprob jaxserve reports for it equals transformers' log-softmax within 1e-4.
 
-No weights are downloaded. `initializer_range` is raised so that random logits are far from uniform (the
+The mixture-of-experts families (Mixtral with a sliding window, Qwen2-MoE with its gated shared expert and
+without top-k renormalisation, Qwen3-MoE with it) have 8 experts, top-2, so a step's tokens reach experts
+unevenly (some none). No weights are downloaded. `initializer_range` is raised so that random logits are far from uniform (the
 default 0.02 gives near-ties everywhere)."""
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ FAMILIES = {
         final_logit_softcapping=30.0)),
     "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 6}, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16)),
+    "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig(
+        **{**COMMON, "intermediate_size": 32}, sliding_window=WINDOW, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig(
+        **COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        norm_topk_prob=False, tie_word_embeddings=False)),
+    "qwen3_moe": (transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(
+        **COMMON, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        tie_word_embeddings=True)),
 }
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 ENGINE = dict(page_size=4, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, max_prefill_seqs=2,
               num_pages=256, attn_block_pages=2)
@@ -67,9 +78,12 @@ def test_family_greedy_matches_transformers(tmp_path, family):
     model.save_pretrained(str(tmp_path))
     llm = LLM(str(tmp_path), **ENGINE)
     jc = llm.engine.model_cfg
-    if family in ("mistral", "gemma2", "gemma3"):
+    if family in ("mistral", "gemma2", "gemma3", "mixtral"):
         assert jc.sliding_window == WINDOW
-    assert jc.qk_norm == (family in ("qwen3", "gemma3")) and jc.attention_bias == (family == "qwen2")
+    assert jc.qk_norm == (family in ("qwen3", "gemma3", "qwen3_moe"))
+    assert jc.attention_bias == (family in ("qwen2", "qwen2_moe"))
+    assert (jc.num_experts, jc.num_experts_per_tok) == ((8, 2) if family in MOE else (0, 0))
+    assert jc.shared_expert_intermediate_size == (48 if family == "qwen2_moe" else 0)
 
     prompts = _prompts()
     sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)

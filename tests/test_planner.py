@@ -40,6 +40,31 @@ def test_num_params_match_published(name, published, tol):
     assert abs(get_preset(name).num_params() - published) <= tol
 
 
+@pytest.mark.parametrize("name, total, active", [
+    # Mixtral-8x7B-v0.1 safetensors: 46,702,792,704 (HF card: 46.7B; Mistral AI: 12.9B active of 46.7B).
+    ("mixtral-8x7b", 46_702_792_704, 12.88e9),
+    # Qwen3-30B-A3B: HF card "30.5B in total and 3.3B activated" (safetensors: 30,532,122,624).
+    ("qwen3-30b-a3b", 30_532_122_624, 3.35e9),
+])
+def test_moe_total_and_active_params(name, total, active):
+    m = get_preset(name)
+    assert m.num_params() == total
+    assert abs(m.num_params(active=True) - active) <= 0.005e9
+    # Mixtral by hand: per layer attention 2 x 4096^2 + 2 x 4096 x 1024, router 4096 x 8, norms 2 x 4096,
+    # experts 3 x 4096 x 14,336 each; embed + LM head 2 x 32,000 x 4096; final norm 4096.
+    if name == "mixtral-8x7b":
+        attn, router, norms, expert = 2 * 4096**2 + 2 * 4096 * 1024, 4096 * 8, 2 * 4096, 3 * 4096 * 14_336
+        rest = 2 * 32_000 * 4096 + 4096
+        assert m.num_params() == 32 * (attn + router + norms + 8 * expert) + rest
+        assert m.num_params(active=True) == 32 * (attn + router + norms + 2 * expert) + rest
+    p = plan(m, "h100", dtype="bfloat16", context=4096)
+    assert p.num_params == total and p.num_active_params == m.num_params(active=True)
+    assert f"{total / 1e9:,.2f}B params, {p.num_active_params / 1e9:,.2f}B active per token" in format_plan(p)
+    # Batch-1 decode reads a token's experts only; a dense model's active count is its total.
+    assert p.decode_roofline_step_seconds_batch1 < (p.weight_bytes + p.kv_bytes_per_sequence) / p.bandwidth_bytes_per_s
+    assert plan(get_preset("llama2-7b"), "h100").num_active_params == get_preset("llama2-7b").num_params()
+
+
 def test_gemma3_270m_param_count_by_hand():
     # embed (tied): 262,144 x 640                                           = 167,772,160
     # per layer: q 640x1024 + k,v 2x640x256 + o 1024x640 = 655,360 + 327,680 + 655,360 = 1,638,400

@@ -231,7 +231,114 @@ def lm_head(cfg: ModelConfig, params, x, inv: bool = False):
 
 
 def mlp(cfg: ModelConfig, lp, h, inv: bool = False):
+    if cfg.is_moe:
+        return moe_mlp(cfg, lp, h)
     return dense(activation(cfg, dense(h, lp["w_gate"], inv)) * dense(h, lp["w_up"], inv), lp["w_down"], inv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): router -> top-k -> grouped matmuls over tokens sorted by expert
+# ----------------------------------------------------------------------------------------------
+#
+# Layer weights: router [D, E]; experts_gate / experts_up [E, D, F]; experts_down [E, F, D]; Qwen2-MoE's shared
+# expert shared_w_gate / shared_w_up [D, Fs], shared_w_down [Fs, D] and its sigmoid gate shared_expert_gate [D, 1].
+# A step's T tokens make T*k (token, expert) rows, a static count per bucket: sorted by expert, the rows go through
+# each expert's weights as one grouped matmul (`group_sizes` = rows per expert, data, not shape), so nothing
+# recompiles however the router splits them and no token is multiplied by an expert it was not routed to
+# (`grouped_matmul`: jax.lax.ragged_dot on TPU / GPU, a tiled loop on CPU).
+
+
+def route(cfg: ModelConfig, lp, x):
+    """x [T, D] -> (weights f32[T, k], experts i32[T, k]): softmax over all experts in float32, top-k, the k
+    probabilities renormalised when `cfg.norm_topk_prob` (transformers' Mixtral / Qwen*Moe TopKRouter)."""
+    logits = dense(x, lp["router"], out_dtype=jnp.float32).astype(jnp.float32)
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts
+
+
+# Rows per tile of the CPU grouped matmul (`grouped_matmul_tiles`).
+GMM_TILE = 32
+
+
+def grouped_matmul(x, w, group_sizes, impl: Optional[str] = None):
+    """x [M, K], rows sorted by group, times w [G, K, N]: row i of group g gives x[i] @ w[g]; rows past
+    sum(group_sizes) give zeros. Narrow floats (bf16) accumulate in float32.
+
+    impl "ragged_dot": `jax.lax.ragged_dot` (TPU / GPU lower it to a grouped kernel). XLA:CPU has none: JAX lowers
+    it there to a dense dot of every row with every group's weights, masked ([G, M, K] materialised: E times the
+    work, 4 GiB per call for Qwen3-30B-A3B's 128 experts at 512 tokens), so impl None picks "tiles" on CPU."""
+    if impl is None:
+        impl = "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
+    if impl == "tiles":
+        return grouped_matmul_tiles(x, w, group_sizes)
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def grouped_matmul_tiles(x, w, group_sizes, tile: int = GMM_TILE):
+    """`grouped_matmul` as a loop over (row tile, group) pairs (the work list of megablox's grouped matmul): a
+    tile of `tile` sorted rows is multiplied by each group's weights that it overlaps, and rows outside that
+    group are masked out. The trip count is data (a runtime `fori_loop` bound: the tiles plus one per group
+    boundary inside a tile), so empty groups cost nothing and each used expert's weights are read once per tile
+    that holds its rows: a decode step reads only the experts its tokens picked."""
+    M, K = x.shape
+    tm = min(tile, M)
+    n_tiles = -(-M // tm)
+    xp = jnp.pad(x, ((0, n_tiles * tm - M), (0, 0)))
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // tm
+    count = jnp.where(sizes > 0, (ends - 1) // tm - first + 1, 0)  # tiles each group's rows touch
+    work_end = jnp.cumsum(count)
+
+    def body(i, out):
+        g = jnp.searchsorted(work_end, i, side="right")  # the group of work item i
+        r0 = (first[g] + i - (work_end[g] - count[g])) * tm
+        rows = jax.lax.dynamic_slice_in_dim(xp, r0, tm)
+        wg = jax.lax.dynamic_index_in_dim(w, g, keepdims=False)  # [K, N]
+        y = rows @ wg if x.dtype == jnp.float32 and wg.dtype == jnp.float32 else float_matmul(rows, wg, jnp.float32)
+        r = r0 + jnp.arange(tm)
+        keep = (r >= starts[g]) & (r < ends[g])
+        acc = jax.lax.dynamic_slice_in_dim(out, r0, tm)
+        return jax.lax.dynamic_update_slice_in_dim(out, acc + jnp.where(keep[:, None], y, 0.0), r0, 0)
+
+    out = jax.lax.fori_loop(0, work_end[-1], body, jnp.zeros((n_tiles * tm, w.shape[-1]), jnp.float32))
+    return out[:M].astype(x.dtype)
+
+
+def experts_mlp(cfg: ModelConfig, lp, x, weights, experts):
+    """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for x [T, D], weights / experts [T, k] -> [T, D].
+
+    The T*k (token, expert) rows are sorted by expert (stable), run through three grouped matmuls (gate, up,
+    down of each expert's SwiGLU), put back in (token, j) order and summed over j with the routing weights."""
+    T, D = x.shape
+    k = experts.shape[-1]
+    flat = experts.reshape(-1)  # [T*k], row r = (token r // k, choice r % k)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    xs = x[order // k]  # [T*k, D] grouped by expert
+    h = activation(cfg, grouped_matmul(xs, lp["experts_gate"], sizes)) * grouped_matmul(xs, lp["experts_up"], sizes)
+    y = grouped_matmul(h, lp["experts_down"], sizes)
+    y = y[jnp.argsort(order)].reshape(T, k, D)  # back to (token, choice) order
+    return jnp.sum(y.astype(jnp.float32) * weights[..., None], axis=1).astype(x.dtype)
+
+
+def moe_mlp(cfg: ModelConfig, lp, h):
+    """The MoE MLP of one layer over h [..., D] (see `route`, `experts_mlp`); plus Qwen2-MoE's shared expert,
+    sigmoid(h @ shared_expert_gate) * SwiGLU(h), on every token."""
+    lead, D = h.shape[:-1], h.shape[-1]
+    x = h.reshape(-1, D)
+    weights, experts = route(cfg, lp, x)
+    out = experts_mlp(cfg, lp, x, weights, experts)
+    if cfg.shared_expert_intermediate_size:
+        gated = activation(cfg, dense(x, lp["shared_w_gate"])) * dense(x, lp["shared_w_up"])
+        shared = dense(gated, lp["shared_w_down"])
+        out = out + jax.nn.sigmoid(dense(x, lp["shared_expert_gate"])) * shared
+    return out.reshape(*lead, D)
 
 
 def qkv(cfg: ModelConfig, lp, h, positions, inv_freq, inv: bool = False):

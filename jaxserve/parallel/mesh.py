@@ -94,6 +94,10 @@ def check_model_fits_mesh(model_cfg, spec: Mapping[str, int]) -> None:
     divide the number of layers.
     """
     t, p = spec.get("model", 1), spec.get("stage", 1)
+    if getattr(model_cfg, "is_moe", False) and (t > 1 or p > 1):
+        raise InvalidConfigError(
+            f"{model_cfg.name} is a mixture-of-experts model: model={t} / stage={p} meshes are not supported yet "
+            f"(no expert-parallel or expert-sharded rules); run it on one device per replica (model=1, stage=1)")
     H, V, F = model_cfg.num_heads, model_cfg.vocab_size, model_cfg.intermediate_size
     if t > 1 and H % t and (t % H or V % t or F % t):
         raise InvalidConfigError(

@@ -169,6 +169,14 @@ def expected_shapes(config: ModelConfig) -> dict:
         "wo": (L, config.q_size, D),
         "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
     }
+    if config.is_moe:  # models/transformer.py's moe_mlp layout
+        E, Fe, Fs = config.num_experts, config.moe_intermediate_size, config.shared_expert_intermediate_size
+        del layers["w_gate"], layers["w_up"], layers["w_down"]
+        layers |= {"router": (L, D, E), "experts_gate": (L, E, D, Fe), "experts_up": (L, E, D, Fe),
+                   "experts_down": (L, E, Fe, D)}
+        if Fs:
+            layers |= {"shared_w_gate": (L, D, Fs), "shared_w_up": (L, D, Fs), "shared_w_down": (L, Fs, D),
+                       "shared_expert_gate": (L, D, 1)}
     if config.attention_bias:
         layers |= {"bq": (L, config.q_size), "bk": (L, config.kv_size), "bv": (L, config.kv_size)}
     if config.qk_norm:

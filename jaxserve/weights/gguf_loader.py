@@ -254,6 +254,9 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict,
             raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return v
 
+    if get("expert_count"):  # Mixtral / Qwen MoE GGUFs (ffn_*_exps tensors): not read yet
+        raise CheckpointError(f"{path}: mixture-of-experts GGUF files ({arch}.expert_count={get('expert_count')}) "
+                              f"are not supported; load the model's HF safetensors directory instead")
     hidden = int(need("embedding_length"))
     n_heads = int(need("attention.head_count"))
     n_kv = get("attention.head_count_kv", n_heads)

@@ -76,6 +76,9 @@ def quantize_params(params: dict, scheme: str, group_size: int = DEFAULT_GROUP_S
                                  f"got {scheme!r}")
     if any(is_quantized(v) for v in params["layers"].values()):
         raise InvalidConfigError("params are already quantized")
+    if "experts_gate" in params["layers"]:
+        raise InvalidConfigError("mixture-of-experts weights (experts_gate / experts_up / experts_down) have no "
+                                 "quantized form yet; serve the model unquantized")
 
     def q(name, w):
         if int4_override and name in int4_override:

@@ -54,6 +54,8 @@ def param_spec(config: ModelConfig) -> dict:
         "w_up": w(L, D, F, fan_in=D),
         "w_down": w(L, F, D, fan_in=F),
     }
+    if c.is_moe:
+        _moe_spec(c, layers, w)
     if c.attention_bias:
         layers.update(bq=w(L, c.q_size, fan_in=D), bk=w(L, c.kv_size, fan_in=D), bv=w(L, c.kv_size, fan_in=D))
     if c.qk_norm:
@@ -64,6 +66,20 @@ def param_spec(config: ModelConfig) -> dict:
     if not c.tie_word_embeddings:
         spec["lm_head"] = w(D, V, fan_in=D)
     return spec
+
+
+def _moe_spec(c: ModelConfig, layers: dict, w) -> None:
+    """Mixture of experts (models/transformer.py's moe_mlp): the router and expert stacks replace w_gate / w_up /
+    w_down; Qwen2-MoE's shared expert and its gate are added."""
+    L, D, E = c.num_layers, c.hidden_size, c.num_experts
+    F, Fs = c.moe_intermediate_size, c.shared_expert_intermediate_size
+    for k in ("w_gate", "w_up", "w_down"):
+        del layers[k]
+    layers.update(router=w(L, D, E, fan_in=D), experts_gate=w(L, E, D, F, fan_in=D), experts_up=w(L, E, D, F, fan_in=D),
+                  experts_down=w(L, E, F, D, fan_in=F))
+    if Fs:
+        layers.update(shared_w_gate=w(L, D, Fs, fan_in=D), shared_w_up=w(L, D, Fs, fan_in=D),
+                      shared_w_down=w(L, Fs, D, fan_in=Fs), shared_expert_gate=w(L, D, 1, fan_in=D))
 
 
 def _leaves(spec: dict):

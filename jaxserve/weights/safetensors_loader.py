@@ -3,7 +3,7 @@
     config, params = load_hf_dir("path/to/Llama-3.2-1B")
 
 Supports Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text, or the text tower of the multimodal
-checkpoint).
+checkpoint), and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 HF stores linear weights `[out, in]`; they are transposed to `[in, out]` and stacked over layers, float32.
 Gemma's RMSNorm computes `x * (1 + w)`, so 1 is added to every Gemma norm weight here (Gemma 3's q/k norms
 included; Qwen3's q/k norms are plain RMSNorm weights):
@@ -52,6 +52,23 @@ _LAYER_GEMMA3 = {
     "self_attn.q_norm.weight": ("q_norm", False),
     "self_attn.k_norm.weight": ("k_norm", False),
 }
+
+# Mixture of experts (models/transformer.py's moe_mlp layout). Router and shared expert as [out, in] matrices;
+# experts one tensor per expert and projection (what transformers' save_pretrained writes: Mixtral's
+# `block_sparse_moe.experts.J.w1/w3/w2`, Qwen's `mlp.experts.J.gate_proj/up_proj/down_proj`), or transformers 5's
+# fused layout (`mlp.experts.gate_up_proj` [E, 2F, D], gate rows first; `mlp.experts.down_proj` [E, D, F]).
+_LAYER_MOE = {
+    "block_sparse_moe.gate.weight": ("router", True),  # Mixtral
+    "mlp.gate.weight": ("router", True),  # Qwen2-MoE / Qwen3-MoE
+    "mlp.shared_expert.gate_proj.weight": ("shared_w_gate", True),  # Qwen2-MoE
+    "mlp.shared_expert.up_proj.weight": ("shared_w_up", True),
+    "mlp.shared_expert.down_proj.weight": ("shared_w_down", True),
+    "mlp.shared_expert_gate.weight": ("shared_expert_gate", True),
+}
+_EXPERT_KEY = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(?:(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight"
+                         r"|(gate_up_proj|down_proj))$")
+_EXPERT_NAME = {"w1": "experts_gate", "gate_proj": "experts_gate", "w3": "experts_up", "up_proj": "experts_up",
+                "w2": "experts_down", "down_proj": "experts_down"}
 
 
 def _read_config(path: str) -> dict:
@@ -140,6 +157,8 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
         raise CheckpointError(f"{cfg_file}: incomplete config ({type(e).__name__}: {e})") from None
     gemma = cfg.arch in ("gemma2", "gemma3")
     layer_map = _LAYER_GEMMA3 if gemma else _LAYER_LLAMA
+    if cfg.is_moe:
+        layer_map = {**layer_map, **_LAYER_MOE}
 
     L = cfg.num_layers
     from jaxserve.weights.checkpoint import expected_shapes
@@ -147,6 +166,9 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
     shapes = expected_shapes(cfg)
     layers = {k: np.empty(s, np.float32) for k, s in shapes["layers"].items()}
     filled = {k: np.zeros(L, bool) for k in layers}
+    for k in ("experts_gate", "experts_up", "experts_down"):
+        if k in layers:  # MoE: filled per (layer, expert)
+            filled[k] = np.zeros((L, cfg.num_experts), bool)
     params: dict = {"layers": layers}
 
     def put_layer(file, key, i, hf_suffix, x):
@@ -161,6 +183,28 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
         layers[name][i] = x
         filled[name][i] = True
 
+    def put_experts(file, key, i, m, x):
+        """One expert's [out, in] projection, or a fused [E, ...] stack of them (see _EXPERT_KEY)."""
+        E, F = cfg.num_experts, cfg.moe_intermediate_size
+        if m.group(1) is not None:
+            j, name = int(m.group(1)), _EXPERT_NAME[m.group(2)]
+            want = layers[name].shape[2:][::-1]
+            if j >= E or x.shape != want:
+                raise CheckpointError(f"{file}: {key} has shape {x.shape} (expert {j}); config.json implies "
+                                      f"{want} for each of {E} experts")
+            layers[name][i, j] = x.T
+            filled[name][i, j] = True
+            return
+        want = (E, 2 * F, cfg.hidden_size) if m.group(3) == "gate_up_proj" else (E, cfg.hidden_size, F)
+        if x.shape != want:
+            raise CheckpointError(f"{file}: {key} has shape {x.shape}, config.json implies {want}")
+        x = x.transpose(0, 2, 1)  # [E, in, out]
+        parts = {"experts_gate": x[..., :F], "experts_up": x[..., F:]} if m.group(3) == "gate_up_proj" else {
+            "experts_down": x}
+        for name, w in parts.items():
+            layers[name][i] = w
+            filled[name][i] = True
+
     for file in _safetensors_files(path):
         try:
             with safe_open(file, framework="numpy") as f:
@@ -172,6 +216,12 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
                         if i >= L:
                             raise CheckpointError(f"{file}: {key} is beyond num_hidden_layers={L}")
                         put_layer(file, key, i, m.group(2), f.get_tensor(key).astype(np.float32))
+                    elif m and cfg.is_moe and _EXPERT_KEY.match(m.group(2)):
+                        i = int(m.group(1))
+                        if i >= L:
+                            raise CheckpointError(f"{file}: {key} is beyond num_hidden_layers={L}")
+                        put_experts(file, key, i, _EXPERT_KEY.match(m.group(2)),
+                                    f.get_tensor(key).astype(np.float32))
                     elif short == "embed_tokens.weight":
                         params["embed"] = f.get_tensor(key).astype(np.float32)
                     elif short == "norm.weight":
@@ -188,7 +238,7 @@ def load_hf_dir(path: str, name: Optional[str] = None) -> tuple:
 
     for k, done in filled.items():
         if not done.all():
-            missing = np.flatnonzero(~done).tolist()[:8]
+            missing = np.flatnonzero(~done.reshape(L, -1).all(axis=1)).tolist()[:8]
             raise CheckpointError(f"{path}: missing weights for layers/{k} in layers {missing}")
     for k in ("embed", "final_norm") + (() if cfg.tie_word_embeddings else ("lm_head",)):
         if k not in params:
