@@ -368,7 +368,9 @@ class ModelRunner:
         return programs
 
     def compile_all(self, progress=None) -> float:
-        """Compile the engine's step (`sample_step`) for every bucket ahead of time. Returns seconds spent."""
+        """Compile the engine's step for every bucket ahead of time (`sample_step`; on the prefill ladder
+        `prefill_step`, and the prompt-logprob scorer beside them, where the placement supports prompt logprobs).
+        Returns seconds spent."""
         t0 = time.monotonic()
         todo = [b for b in self.buckets() if b not in self._programs]
         step_fns = {}
