@@ -173,3 +173,44 @@ def test_sequence_span_bookkeeping():
     assert s.prompt_logprob_span(4, 6) == (4, 9)  # the last prompt position predicts an output token
     s.add_prompt_logprobs(4, np.zeros(5), np.zeros((5, 2), int), np.zeros((5, 2)))
     assert not s.needs_prompt_logprobs and s.prompt_logprob_span(0, 10) is None
+
+
+_MESH_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from jaxserve import LLM, SamplingParams
+from jaxserve.errors import InvalidSamplingParamsError
+from tests.parallel_check import SMALL_KW
+prompts = [list(range(20, 45)), [5, 6, 7]]
+sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+res = {}
+for mesh in (None, "model=2", "stage=2"):
+    llm = LLM("tiny-llama", random_weights=True, mesh=mesh, **SMALL_KW)
+    try:
+        res[str(mesh)] = [[None if e is None else {str(k): v for k, v in e.items()} for e in o.prompt_logprobs]
+                          for o in llm.generate(prompts, sp)]
+    except InvalidSamplingParamsError as e:
+        res[str(mesh)] = str(e)
+print(json.dumps(res))
+"""
+
+
+def test_tensor_parallel_mesh_and_pipeline_refusal():
+    """model=2 (2 forced host devices): the same prompt logprobs as one device; stage=2 (the pipeline) refuses the
+    request at add_request with a message that says why."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAXSERVE_XLA_CACHE="0")
+    p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, root], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "placement" in res["stage=2"] and "pipeline" in res["stage=2"]
+    for one, tp in zip(res["None"], res["model=2"]):
+        assert len(one) == len(tp) and one[0] is None and tp[0] is None
+        for x, y in zip(one[1:], tp[1:]):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x), (x, y)
