@@ -71,6 +71,11 @@ class SamplingParams:
 
     `structured_outputs` (a StructuredOutputsParams, or a dict of its fields) constrains the output to a JSON
     schema, any JSON object, a regex, a choice or a grammar; the sequence stops when the grammar is complete.
+
+    `prompt_logprobs=n` (vLLM semantics) returns, per prompt token, the logprob of that token given the tokens
+    before it (raw model distribution) and the top-n at its position (`RequestOutput.prompt_logprobs`; None for
+    the first token); 0 returns the prompt tokens' own logprobs only. Such a request computes its whole prompt
+    (no prefix-cache hits).
     """
 
     n: int = 1
@@ -94,6 +99,7 @@ class SamplingParams:
     allowed_token_ids: Optional[Sequence[int]] = None
     bad_words: Optional[Sequence[str]] = None
     structured_outputs: Optional[StructuredOutputsParams] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -169,6 +175,14 @@ class SamplingParams:
             bad("allowed_token_ids must be a non-empty list of token ids >= 0")
         if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
             bad("bad_words must be a list of non-empty strings")
+        self._validate_prompt_logprobs(max_logprobs)
+
+    def _validate_prompt_logprobs(self, max_logprobs: int) -> None:
+        n = self.prompt_logprobs
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= max_logprobs):
+            raise InvalidSamplingParamsError(
+                f"prompt_logprobs must be None or an integer in [0, {max_logprobs}] (the engine's max_logprobs), "
+                f"got {n!r}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """The token ids named here exist in a vocabulary of `vocab_size` (the engine calls this)."""

@@ -36,6 +36,9 @@ MAX_PROMPT = 200
 MAX_TOKENS = 64
 N_LOAD, N_LEAVE = 64, 16
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]  # ~130 tokens here
+# Token-id prompts as lm-evaluation-harness sends them (a batch); the first is longer than a prefill chunk (16).
+ECHO_PROMPTS = [[1, 17, 300, 5, 42, 99, 7, 250, 31, 8, 120, 64, 3, 77, 200, 11, 90, 45, 60, 12, 140, 33, 9],
+                [1, 88, 6, 410, 23]]
 
 
 def _greedy(max_tokens):
@@ -61,6 +64,8 @@ class _Server:
                                                                  logit_bias={42: 8.0, 7: -100.0}),
                                  use_tqdm=False)[0].outputs[0].token_ids,
         }
+        self.echo_ref = llm.generate(ECHO_PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=1,
+                                                                  prompt_logprobs=1), use_tqdm=False)
         self.load_ref = [o.outputs[0].text for o in llm.generate(
             [_load_prompt(i) for i in range(N_LOAD)], [_greedy(6 + i % 7) for i in range(N_LOAD)], use_tqdm=False)]
         self.app = app = build_app(llm, served_model_names=[MODEL], api_key=KEY,
@@ -188,6 +193,48 @@ def test_logprobs(srv):
     streamed = [t.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
                 for t in ch.choices[0].logprobs.content]
     assert streamed == pytest.approx([t.logprob for t in content])
+
+
+def test_echo_logprobs_for_loglikelihood(srv):
+    """lm-evaluation-harness local-completions' log-likelihood request (0.4.x: token-id prompts in a batch, echo,
+    logprobs 1, max_tokens 1; it reads token_logprobs[ctxlen:-1] and compares each with max(top_logprobs)), and
+    max_tokens 0 (OpenAI's legacy API, older harnesses): the prompt's logprobs only."""
+    for max_tokens in (1, 0):
+        r = srv.http.post("/v1/completions", json={"model": MODEL, "prompt": ECHO_PROMPTS, "temperature": 0,
+                                                   "max_tokens": max_tokens, "logprobs": 1, "seed": 1234,
+                                                   "echo": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        choices = sorted(body["choices"], key=lambda c: c["index"])
+        assert body["usage"]["completion_tokens"] == max_tokens * len(ECHO_PROMPTS)
+        for prompt, ch, ref in zip(ECHO_PROMPTS, choices, srv.echo_ref):
+            lp = ch["logprobs"]
+            n = len(prompt) + max_tokens
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            for j in range(1, len(prompt)):
+                assert lp["token_logprobs"][j] == pytest.approx(ref.prompt_logprobs[j][prompt[j]], abs=1e-5)
+                top = lp["top_logprobs"][j]
+                assert len(top) == 1 and max(top.values()) >= lp["token_logprobs"][j] - 1e-6
+            assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(n)]
+            if max_tokens:
+                gen = ref.outputs[0]
+                assert lp["token_logprobs"][-1] == pytest.approx(gen.logprobs[0][gen.token_ids[0]], abs=1e-5)
+                assert ch["text"].endswith(gen.text)
+            else:
+                assert ch["text"] == srv.llm.engine.tokenizer.decode(prompt)
+    # vLLM's extra `prompt_logprobs`: a top-level list per choice (chat too)
+    r = srv.http.post("/v1/completions", json={"model": MODEL, "prompt": ECHO_PROMPTS[1], "max_tokens": 2,
+                                               "temperature": 0, "prompt_logprobs": 1})
+    plp = r.json()["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ECHO_PROMPTS[1])
+    assert plp[1][str(ECHO_PROMPTS[1][1])]["logprob"] == pytest.approx(
+        srv.echo_ref[1].prompt_logprobs[1][ECHO_PROMPTS[1][1]], abs=1e-5)
+    r = srv.http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2,
+                                                    "prompt_logprobs": 0})
+    body = r.json()
+    assert len(body["choices"][0]["prompt_logprobs"]) == body["usage"]["prompt_tokens"]
+    _assert_serving(srv)
 
 
 def test_stop_seed_n(srv):
@@ -420,6 +467,33 @@ class _StubEngine:
         from jaxserve.engine.engine import LLMEngine
 
         return LLMEngine.tokenize_prompt(self, prompt)
+
+
+def test_protocol_prompt_logprobs_parsing():
+    from jaxserve.server.protocol import APIError, OpenAIServing
+
+    sv = OpenAIServing(_StubEngine(), ["stub"])
+    r = sv.parse("completion", {"prompt": "x", "echo": True, "logprobs": 2})
+    assert r.params.prompt_logprobs == 2 and r.params.logprobs == 2 and not r.echo_only
+    r = sv.parse("completion", {"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert r.echo_only and r.params.max_tokens == 1 and r.params.prompt_logprobs == 1
+    r = sv.parse("completion", {"prompt": "x", "echo": True, "max_tokens": 0})  # the echo alone
+    assert r.echo_only and r.params.prompt_logprobs is None
+    assert sv.parse("completion", {"prompt": "x", "echo": True}).params.prompt_logprobs is None
+    r = sv.parse("chat", {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 3})
+    assert r.prompt_logprobs == 3 and r.params.prompt_logprobs == 3
+    for kind, body, param in [
+        ("completion", {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # nothing to return
+        ("completion", {"prompt": "x", "echo": True, "max_tokens": 0, "stream": True}, "stream"),
+        ("completion", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "stream"),
+        ("completion", {"prompt": "x", "prompt_logprobs": 6}, "prompt_logprobs"),  # max_logprobs 5
+        ("completion", {"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+        ("chat", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ("chat", {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1, "stream": True}, "stream"),
+    ]:
+        with pytest.raises(APIError) as e:
+            sv.parse(kind, body)
+        assert e.value.status == 400 and e.value.param == param, (body, e.value.body())
 
 
 def test_protocol_parsing_and_shaping():

@@ -200,7 +200,8 @@ class BlockManager:
                 self._free.append(page)
 
     # ------------------------------------------------------------------ sequence life cycle
-    def allocate_prompt(self, seq_id: int, token_ids: Sequence[int], extra_key: bytes = b"") -> int:
+    def allocate_prompt(self, seq_id: int, token_ids: Sequence[int], extra_key: bytes = b"",
+                        lookup: bool = True) -> int:
         """Create the block table of a new (or preempted-and-resumed) sequence from prefix-cache hits.
 
         Takes the longest run of cached full pages matching the start of `token_ids` (each hit gets
@@ -208,7 +209,8 @@ class BlockManager:
         `page_size`, at most `((len(token_ids) - 1) // page_size) * page_size`, so at least the last token is
         still computed and the step produces logits. No page is allocated for the rest: call
         `ensure_capacity`. `extra_key` is an optional per-request salt (tenant isolation, LoRA adapter...)
-        on top of the manager's `cache_salt`.
+        on top of the manager's `cache_salt`. `lookup=False` takes no hits (the whole prompt is computed: a
+        request with prompt logprobs needs every position's hidden state); its pages still enter the cache.
         """
         if seq_id in self._seqs:
             raise BlockManagerError(f"sequence {seq_id} already has a block table; free() it before re-allocating")
@@ -217,7 +219,7 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id}: cannot allocate an empty prompt")
         st = _SeqState(self._root(bytes(extra_key)))
         self._seqs[seq_id] = st
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and lookup):
             return 0
         ps = self.page_size
         h = st.root

@@ -127,6 +127,7 @@ class LLMEngine:
         if params.min_tokens and len(set(params.stop_token_ids) | set(self.model_cfg.eos_token_ids)) > 16:
             raise InvalidSamplingParamsError("min_tokens supports at most 16 stop token ids (EOS included)")
         params.check_vocab(self.model_cfg.vocab_size)
+        self._check_prompt_logprobs(params)
         token_mask, bad_word_ids = None, []
         if params.has_token_mask:
             if params.bad_words and self.tokenizer is None:
@@ -165,11 +166,21 @@ class LLMEngine:
 
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
             seqs.append(seq)
+        if params.prompt_logprobs is not None:
+            seqs[0].prompt_logprobs = [None]  # computed once, by the first sample (n > 1 reports them once)
         self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
                                              prompt_ids, params, seqs)
         for s in seqs:
             self.scheduler.add(s)
         return request_id
+
+    def _check_prompt_logprobs(self, params: SamplingParams) -> None:
+        """prompt_logprobs need a runner whose prefill steps return hidden states (not the pipeline's)."""
+        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
+            raise InvalidSamplingParamsError(
+                "prompt_logprobs are not supported by this engine's placement (a pipeline over stages, or a runner "
+                "without hidden-state outputs); send the request without prompt_logprobs or serve without "
+                "pipeline stages")
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a waiting or running request; its pages are freed immediately."""
@@ -207,9 +218,28 @@ class LLMEngine:
         """Per row, the SampledTokens the step emitted (decode steps go to the speculator when there is one)."""
         if out.kind == "decode" and self.speculator is not None:
             return self.speculator.execute(out.rows, out.bucket)
-        tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
+        spans = self._prompt_logprob_spans(out)
+        if spans:
+            (tokens, lps, top_ids, top_lps), scored = self.runner.execute_scored(out.kind, out.rows, out.bucket,
+                                                                                  spans)
+            for i, (lo, _) in spans.items():
+                out.rows[i].seq.add_prompt_logprobs(lo, *scored[i])
+        else:
+            tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
         return [[SampledToken(int(tokens[i]), float(lps[i]), top_ids[i], top_lps[i])] if row.samples else []
                 for i, row in enumerate(out.rows)]
+
+    @staticmethod
+    def _prompt_logprob_spans(out) -> dict:
+        """{row index: (lo, hi)}: the prompt positions of a prefill step whose logprobs are still to compute."""
+        if out.kind != "prefill":
+            return {}
+        spans = {}
+        for i, row in enumerate(out.rows):
+            span = row.seq.prompt_logprob_span(row.start, row.num_new)
+            if span is not None:
+                spans[i] = span
+        return spans
 
     def _detokenize(self, seq: Sequence, token: int):
         """The scheduler's stop check: extend the text and advance the grammar; the stop string that ended it
@@ -301,9 +331,18 @@ class LLMEngine:
             num_preemptions=sum(s.metrics.num_preemptions for s in req.seqs),
         )
         ro = RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), outs, finished, m)
+        ro.prompt_logprobs = self._prompt_logprobs_of(req)
         if finished:
             self.requests.pop(req.request_id, None)
         return ro
+
+    @staticmethod
+    def _prompt_logprobs_of(req: _Request) -> Optional[list]:
+        """The request's prompt logprobs once all computed (None before, or when not asked for)."""
+        s = req.seqs[0]
+        if s.prompt_logprobs is None or s.needs_prompt_logprobs:
+            return None
+        return s.prompt_logprobs
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict:

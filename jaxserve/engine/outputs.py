@@ -37,9 +37,13 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """`prompt_logprobs` (when SamplingParams.prompt_logprobs is set, once the prompt is computed): per prompt
+    token, None for the first, then {token_id: logprob} of the prompt token and the top-n at its position."""
+
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list
     outputs: list = field(default_factory=list)
     finished: bool = False
     metrics: Optional[RequestMetrics] = None
+    prompt_logprobs: Optional[list] = None

@@ -101,6 +101,9 @@ class Sequence:
         self.stop_token_ids = stop_ids | set(params.stop_token_ids)
         budget = max_len - len(self.prompt_token_ids)
         self.max_tokens = budget if params.max_tokens is None else min(params.max_tokens, budget)
+        # Prompt logprobs (SamplingParams.prompt_logprobs), on the one sequence of a request that computes them
+        # (the engine sets [None]: the first token has none); entry j is prompt token j's, from position j - 1.
+        self.prompt_logprobs: Optional[list] = None
 
     @property
     def num_tokens(self) -> int:
@@ -135,6 +138,32 @@ class Sequence:
             entry[t.token] = t.logprob
             self.output_logprobs.append(entry)
             self.cumulative_logprob = (self.cumulative_logprob or 0.0) + t.logprob
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: its prompt must run through the model (no prefix-cache hits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
+    def prompt_logprob_span(self, start: int, num_new: int) -> Optional[tuple]:
+        """(lo, hi): the positions of a chunk [start, start + num_new) whose next-token logprobs are prompt
+        logprobs not computed yet (position p scores prompt token p + 1), or None. Positions scored before a
+        preemption are not scored again."""
+        if not self.needs_prompt_logprobs:
+            return None
+        lo = max(start, len(self.prompt_logprobs) - 1)
+        hi = min(start + num_new, len(self.prompt_token_ids) - 1)
+        if lo >= hi or lo != len(self.prompt_logprobs) - 1:
+            return None  # nothing to score here (a gap cannot happen: such a prompt takes no prefix hits)
+        return lo, hi
+
+    def add_prompt_logprobs(self, lo: int, target_lps, top_ids, top_lps) -> None:
+        """Append the entries of positions lo.. (numpy rows: target logprob, top-n ids and logprobs)."""
+        assert lo == len(self.prompt_logprobs) - 1, (lo, len(self.prompt_logprobs))
+        n = self.params.prompt_logprobs
+        for k in range(len(target_lps)):
+            entry = {int(i): float(v) for i, v in zip(top_ids[k, :n], top_lps[k, :n])}
+            entry[self.prompt_token_ids[lo + k + 1]] = float(target_lps[k])
+            self.prompt_logprobs.append(entry)
 
     def finish(self, reason: str, stop_reason=None) -> None:
         """Mark finished ("stop" | "length" | "abort"); a second call changes nothing."""

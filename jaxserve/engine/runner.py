@@ -26,11 +26,11 @@ import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.placement import Placement
-from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample
+from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample, target_logprobs
 from jaxserve.engine.sampling_inputs import build_sampling_arrays, mask_words, step_token_mask
 from jaxserve.engine.structured import fill_masks, grammar_mask
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
-from jaxserve.models.transformer import StepInputs, forward_step
+from jaxserve.models.transformer import StepInputs, forward_step, lm_head
 from jaxserve.weights.quantize import ensure_quantized
 
 log = logging.getLogger("jaxserve")
@@ -58,6 +58,18 @@ class SamplingRow(NamedTuple):
     seed: int
     banned: list
     mask: object = None  # packed token mask (sampling_inputs.step_token_mask) or None
+
+
+class PromptLogprobs(NamedTuple):
+    """Prompt logprobs of one row's span of positions (numpy): the next prompt token's logprob at each, and the
+    top-n ids and logprobs (max_logprobs columns)."""
+
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+SCORE_CHUNK = 32  # positions per LM-head pass of the prompt-logprob scorer (a [32, V] f32 logits temporary)
 
 # ------------------------------------------------------------------------------------------------
 # Compilation accounting and the persistent cache
@@ -218,6 +230,12 @@ class ModelRunner:
             self.invariance = choose_row_tiles(model_cfg, self.params, self.page_size, engine_cfg.attn_block_pages,
                                                rows)
         self._programs: dict = {}
+        # Prompt logprobs: the prefill programs also return every position's hidden state (kept on device), and
+        # one small "scorer" program turns the positions that ask into logprobs (score_step). The pipeline's
+        # forward has no hidden-state output: the engine rejects such requests there.
+        self.supports_prompt_logprobs = placement.forward is forward_step
+        self.score_rows = -(-engine_cfg.max_num_batched_tokens // SCORE_CHUNK) * SCORE_CHUNK
+        self._scorer = None
 
     # -------------------------------------------------------------- step functions
     def forward(self, params, kv, inp: StepInputs, all_logits: bool = False):
@@ -242,6 +260,43 @@ class ModelRunner:
         """The engine's step: forward + on-device sampling of each row's next token."""
         logits, kv = self.forward(params, kv, inp)
         return self.sample(logits, st), kv
+
+    def prefill_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
+        """`sample_step` that also returns every position's hidden state [R, Q, D] (for prompt logprobs; the
+        engine's prefill programs where the placement supports it). ((SampleResult, hidden), kv)."""
+        logits, kv, hidden = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
+                                          block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                                          batch_invariant=self.invariance, return_hidden=True)
+        return (self.sample(logits, st), hidden), kv
+
+    def score_step(self, params, hidden, targets, count):
+        """The prompt-logprob scorer: hidden [N, D] (prefill steps' hidden states, packed), target ids i32[N],
+        count (the first `count` rows are real) -> (target logprobs f32[N], top ids i32[N, max_logprobs], their
+        logprobs). The same LM head as the step (soft-capping, batch-invariant tiling) and the sampler's raw
+        log-softmax, SCORE_CHUNK rows at a time, only as many chunks as `count` needs."""
+        N, K, C = hidden.shape[0], self.max_logprobs, SCORE_CHUNK
+
+        def body(c, out):
+            h = jax.lax.dynamic_slice_in_dim(hidden, c * C, C)
+            t = jax.lax.dynamic_slice_in_dim(targets, c * C, C)
+            res = target_logprobs(lm_head(self.model_cfg, params, h, self.invariance), t, K)
+            return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, c * C, axis=0) for o, r in zip(out, res))
+
+        init = (jnp.zeros((N,), jnp.float32), jnp.full((N, K), -1, jnp.int32),
+                jnp.full((N, K), -jnp.inf, jnp.float32))
+        return jax.lax.fori_loop(0, (count + C - 1) // C, body, init)
+
+    def compile_scorer(self):
+        """`score_step` compiled ahead of time for `score_rows` positions (a step's token budget)."""
+        p_sh = jax.tree.map(lambda a: a.sharding, self.params)
+        rep = self.placement.replicated
+        fn = jax.jit(self.score_step, in_shardings=(p_sh, rep, rep, rep), out_shardings=rep)
+        p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        S = jax.ShapeDtypeStruct
+        N = self.score_rows
+        with jax_config.persistent_cache_min_compile_time_secs(0.0):
+            return fn.lower(p_abs, S((N, self.model_cfg.hidden_size), self.params["final_norm"].dtype),
+                            S((N,), jnp.int32), S((), jnp.int32)).compile()
 
     def greedy_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
         """An argmax instead of the full sampler (a fraction of the compile time); `st` is ignored, no logprobs.
@@ -278,12 +333,22 @@ class ModelRunner:
         """Host step inputs as a program takes them (`Placement.put_inputs`: replicated on its mesh)."""
         return self.placement.put_inputs(inputs)
 
-    def compile(self, step_fn, buckets, sampled_positions: bool = False, progress=None) -> dict:
+    def compile(self, step_fn, buckets, sampled_positions: bool = False, progress=None,
+                step_fns: Optional[dict] = None) -> dict:
         """Compile `step_fn(params, kv, StepInputs, SamplingTensors) -> (result, kv)` for every (R, Q) bucket
         ahead of time (in parallel threads; each program goes to the persistent cache when enabled, however
         fast it compiled). `sampled_positions`: the sampler gets R * Q rows (one per position) instead of R.
+        `step_fns`: {bucket: step function} for buckets that compile another step (the engine's prefill steps).
         Returns {bucket: program} for `run`."""
-        fn = self.jit_step(step_fn)
+        jitted = {}
+
+        def jit_for(bucket):
+            f = (step_fns or {}).get(bucket, step_fn)
+            if f not in jitted:
+                jitted[f] = self.jit_step(f)
+            return jitted[f]
+
+        fns = {b: jit_for(b) for b in buckets}
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
 
@@ -291,7 +356,7 @@ class ModelRunner:
             R, Q = bucket
             inp, st = self.abstract_inputs(R, Q, R * Q if sampled_positions else R)
             with jax_config.persistent_cache_min_compile_time_secs(0.0):
-                return bucket, fn.lower(p_abs, kv_abs, inp, st).compile()
+                return bucket, fns[bucket].lower(p_abs, kv_abs, inp, st).compile()
 
         buckets = list(buckets)
         programs = {}
@@ -304,10 +369,22 @@ class ModelRunner:
         return programs
 
     def compile_all(self, progress=None) -> float:
-        """Compile the engine's step (`sample_step`) for every bucket ahead of time. Returns seconds spent."""
+        """Compile the engine's step for every bucket ahead of time (`sample_step`; on the prefill ladder
+        `prefill_step`, and the prompt-logprob scorer beside them, where the placement supports prompt logprobs).
+        Returns seconds spent."""
         t0 = time.monotonic()
         todo = [b for b in self.buckets() if b not in self._programs]
-        self._programs.update(self.compile(self.sample_step, todo, progress=progress))
+        step_fns = {}
+        scorer = None
+        if self.supports_prompt_logprobs:
+            step_fns = {b: self.prefill_step for b in self.cfg.prefill_buckets()}
+            if self._scorer is None:  # beside the step programs (XLA compiles release the GIL)
+                scorer = concurrent.futures.ThreadPoolExecutor(1)
+                future = scorer.submit(self.compile_scorer)
+        self._programs.update(self.compile(self.sample_step, todo, progress=progress, step_fns=step_fns))
+        if scorer is not None:
+            self._scorer = future.result()
+            scorer.shutdown()
         return time.monotonic() - t0
 
     # -------------------------------------------------------------- one step
@@ -315,24 +392,68 @@ class ModelRunner:
             num_rows: int) -> StepResult:
         """Run the compiled program of `bucket` (from `compile`) on host inputs, KV updated in place. Returns
         the first `num_rows` rows' results as numpy. Raises CompileWhileServingError if anything compiles."""
+        return self._run(programs, bucket, inputs, sampling, num_rows)[0]
+
+    def _run(self, programs: dict, bucket: tuple, inputs: StepInputs, sampling: SamplingTensors, num_rows: int,
+             spans: Optional[dict] = None):
+        """`run`, and the prompt logprobs of `spans` {row: (lo, hi, first position of the row's chunk, target
+        ids)} from the step's hidden states ({row: PromptLogprobs}; {} without spans)."""
         prog = programs.get(bucket)
         if prog is None:
             raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(programs)}")
         placed = self.place_inputs((inputs, sampling))
         before = compile_count()
         res, self.kv = prog(self.params, self.kv, *placed)
+        hidden = None
+        if not isinstance(res, SampleResult):  # a prefill_step program: (SampleResult, hidden)
+            res, hidden = res
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
+        scored = self._score_spans(hidden, spans) if spans else {}
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")
-        return StepResult(*(a[:num_rows] for a in out))
+        return StepResult(*(a[:num_rows] for a in out)), scored
+
+    def _score_spans(self, hidden, spans: dict) -> dict:
+        """Prompt logprobs of `spans` (see `_run`) through the scorer, in calls of `score_rows` positions."""
+        if hidden is None or self._scorer is None:
+            raise InvalidConfigError("this runner's prefill programs have no hidden-state output (prompt logprobs)")
+        h = np.asarray(jax.device_get(hidden))  # [R, Q, D]; only steps that ask fetch it
+        pieces, targets, owners = [], [], []
+        for i, (lo, hi, start, tgt) in spans.items():
+            pieces.append(h[i, lo - start:hi - start])
+            targets.append(np.asarray(tgt, np.int32))
+            owners.append((i, hi - lo))
+        hs, ts = np.concatenate(pieces), np.concatenate(targets)
+        N = self.score_rows
+        outs = []
+        for a in range(0, len(ts), N):  # a prefill step's positions fit one call (N >= its token budget)
+            n = min(N, len(ts) - a)
+            hb = np.zeros((N, h.shape[-1]), h.dtype)
+            hb[:n] = hs[a:a + n]
+            tb = np.zeros((N,), np.int32)
+            tb[:n] = ts[a:a + n]
+            outs.append([x[:n] for x in jax.device_get(self._scorer(self.params, *self.place_inputs(
+                (hb, tb, np.int32(n)))))])
+        lp, ids, tlp = (np.concatenate(x) for x in zip(*outs))
+        scored, a = {}, 0
+        for i, n in owners:
+            scored[i] = PromptLogprobs(lp[a:a + n], ids[a:a + n], tlp[a:a + n])
+            a += n
+        return scored
 
     def execute(self, kind: str, rows: list, bucket: tuple) -> StepResult:
         """Run one scheduled step of the engine's programs. `rows` are ScheduledRows (seq, start, num_new,
         block_table); `kind` ("prefill" | "decode") is the bucket's ladder, for fakes that check it."""
+        return self.execute_scored(kind, rows, bucket, {})[0]
+
+    def execute_scored(self, kind: str, rows: list, bucket: tuple, spans: dict):
+        """`execute`, and the prompt logprobs of `spans` {row index: (lo, hi)} (positions lo..hi-1 of that
+        row's chunk, each scored against the token after it): (StepResult, {row index: PromptLogprobs})."""
         R, Q = bucket
         inp = self.step_inputs(R, Q, [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start,
                                        row.block_table) for row in rows])
-        return self.run(self._programs, bucket, inp, self._sampling_arrays(rows, R), len(rows))
+        full = {i: (lo, hi, rows[i].start, rows[i].seq.all_token_ids[lo + 1:hi + 1]) for i, (lo, hi) in spans.items()}
+        return self._run(self._programs, bucket, inp, self._sampling_arrays(rows, R), len(rows), full)
 
     def step_inputs(self, R: int, Q: int, entries) -> StepInputs:
         """Host arrays of one (R, Q) step. `entries`: per real row, (token ids of its new positions, position of

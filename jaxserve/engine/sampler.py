@@ -526,3 +526,24 @@ def _sample_random(l, lmax, bm, greedy_tok, st: SamplingTensors, cap: int):
 
     tok = lax.cond(jnp.any(~done), exact, lambda t: t, tok)
     return jnp.where(valid, tok, greedy_tok)
+
+
+def target_logprobs(logits: jax.Array, targets: jax.Array, nmax: int):
+    """Prompt logprobs of rows of logits f32[N, V]: (log_softmax(raw)[targets] f32[N], the nmax most likely ids
+    i32[N, nmax] and their logprobs f32[N, nmax]), with the sampler's own log-softmax and top-n (the raw model
+    distribution, like `sample`'s logprobs)."""
+    x = jnp.asarray(logits).astype(jnp.float32)
+    N, V = x.shape
+    m = jnp.max(x, axis=1)
+    ms = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = ms + jnp.log(jnp.sum(jnp.exp(x - ms[:, None]), axis=1))
+    target = _take(x, jnp.clip(targets, 0, V - 1)) - lse
+    n_top = min(int(nmax), V)
+    if n_top == 0:
+        return target, jnp.zeros((N, 0), jnp.int32), jnp.zeros((N, 0), jnp.float32)
+    v, i = _top_k_blocked(x, jnp.max(_leaves(x, _NEG_INF), axis=2), n_top)
+    top_ids, top_lp = i, v - lse[:, None]
+    if n_top < nmax:
+        top_ids = jnp.pad(top_ids, ((0, 0), (0, nmax - n_top)), constant_values=-1)
+        top_lp = jnp.pad(top_lp, ((0, 0), (0, nmax - n_top)), constant_values=_NEG_INF)
+    return target, top_ids, top_lp

@@ -189,7 +189,8 @@ class Scheduler:
                 row.num_lookahead = k
 
     def _admit(self, seq: Sequence) -> None:
-        cached = self.bm.allocate_prompt(seq.seq_id, seq.all_token_ids)
+        # A prompt whose logprobs are still to compute runs whole: a cached prefix has no hidden states.
+        cached = self.bm.allocate_prompt(seq.seq_id, seq.all_token_ids, lookup=not seq.needs_prompt_logprobs)
         seq.num_computed_tokens = cached
         if seq.metrics.first_scheduled is None:
             seq.metrics.first_scheduled = time.monotonic()

@@ -462,11 +462,14 @@ def _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_p
 
 
 def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: int, block_pages: int,
-                 attention_fn=None, batch_invariant: bool = False, all_logits: bool = False):
+                 attention_fn=None, batch_invariant: bool = False, all_logits: bool = False,
+                 return_hidden: bool = False):
     """Run R x Q new tokens through the model, writing their K/V into the pages.
 
     Returns (logits f32[R, V] of each row's last new token, updated kv). With `all_logits` (speculative
     verification), logits f32[R, Q, V] of every position instead (the LM head runs on all R x Q rows).
+    With `return_hidden`, (logits, kv, hidden [R, Q, D]): the last layer's output at every position, before the
+    final norm (`lm_head(hidden)` gives any position's logits: prompt logprobs).
     """
     R, Q = inp.tokens.shape
     attention_fn = attention_fn or paged_attention_xla
@@ -482,6 +485,8 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
         return lm_head(cfg, params, x, inv), {"k": kc, "v": vc}
     last = jnp.maximum(inp.q_lens - 1, 0)
     x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [R, D]
+    if return_hidden:
+        return lm_head(cfg, params, x_last, inv), {"k": kc, "v": vc}, x
     return lm_head(cfg, params, x_last, inv), {"k": kc, "v": vc}
 
 

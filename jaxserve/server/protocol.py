@@ -70,6 +70,8 @@ class ParsedRequest:
     logprobs: Optional[int] = None  # top-n to report; None: no logprobs
     priority: Optional[str] = None  # "interactive" | "batch" | None (caller's default)
     tools: Optional[ToolSpec] = None  # chat: the offered tools and tool_choice (server/tools.py)
+    echo_only: bool = False  # completions with echo and max_tokens 0: the prompt (and its logprobs) only
+    prompt_logprobs: Optional[int] = None  # vLLM's extra `prompt_logprobs`: a per-choice top-level list
 
     @property
     def num_choices(self) -> int:
@@ -169,6 +171,7 @@ class OpenAIServing:
                            "invalid_request_error", "model", "model_not_found")
         self._reject_unsupported(kind, body)
         tools = None
+        body, echo_only = self._echo_without_generation(kind, body)
         if kind == "chat":
             try:
                 tools = parse_tools(body)
@@ -194,14 +197,12 @@ class OpenAIServing:
                 raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         else:
             logprobs = _int(body, "logprobs", None, 0, self.max_logprobs)
-            if logprobs is not None and echo:
-                raise bad_request("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo",
-                                  "unsupported_parameter")
         if logprobs is not None:
             params.logprobs = logprobs
+        prompt_logprobs = self._prompt_logprobs(kind, body, params, echo, logprobs, stream)
         priority = parse_priority(body.get("priority")) or parse_priority(priority_header, "X-Priority")
         return ParsedRequest(kind, model, prompts, texts, params, stream, include_usage, echo, logprobs, priority,
-                             tools if tools is not None and tools.active else None)
+                             tools if tools is not None and tools.active else None, echo_only, prompt_logprobs)
 
     # -------------------------------------------------------------- structured output (engine/structured.py)
     def _structured_outputs(self, body: dict, tools: Optional[ToolSpec]) -> Optional[StructuredOutputsParams]:
@@ -251,6 +252,34 @@ class OpenAIServing:
         except JaxserveError as e:
             raise bad_request(str(e), param, "invalid_grammar") from None
         return so
+
+    @staticmethod
+    def _echo_without_generation(kind: str, body: dict) -> tuple:
+        """Completions with echo and max_tokens 0 (lm-evaluation-harness's log-likelihood requests, OpenAI's
+        legacy API): the prompt and its logprobs only. The engine generates one token, which is dropped (as vLLM
+        does). Returns (body to parse, echo_only)."""
+        if kind != "completion" or not _is_int(body.get("max_tokens")) or body["max_tokens"] != 0:
+            return body, False
+        if not _bool(body, "echo", False):
+            raise bad_request("'max_tokens' 0 needs 'echo': true (it returns the prompt only)", "max_tokens",
+                              "invalid_value")
+        if _bool(body, "stream", False):
+            raise bad_request("'max_tokens' 0 with 'echo' is not supported with 'stream'", "stream",
+                              "unsupported_parameter")
+        return {**body, "max_tokens": 1}, True
+
+    def _prompt_logprobs(self, kind: str, body: dict, params: SamplingParams, echo: bool, logprobs, stream):
+        """Set params.prompt_logprobs for completions' echo + logprobs (prompt tokens in the logprobs block) and
+        for vLLM's extra `prompt_logprobs`; returns the latter (None when not sent)."""
+        extra = _int(body, "prompt_logprobs", None, 0, self.max_logprobs)
+        want = [n for n in (extra, logprobs if echo else None) if n is not None]
+        if not want:
+            return None
+        if stream:
+            raise bad_request("prompt logprobs ('echo' with 'logprobs', or 'prompt_logprobs') are not supported "
+                              "with 'stream'", "stream", "unsupported_parameter")
+        params.prompt_logprobs = max(want)  # (a placement without them: add_request's error, a 400 too)
+        return extra
 
     # -------------------------------------------------------------- /tokenize, /detokenize (vLLM's shapes)
     def _check_model(self, body: dict) -> None:
@@ -490,9 +519,37 @@ class OpenAIServing:
             off += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
+    def prompt_logprobs_block(self, kind: str, prompt_ids: list, entries: list, top_n: int) -> dict:
+        """OpenAI completions logprobs of the prompt tokens (echo): the first token has null logprob and top."""
+        lp = self.logprobs_block(kind, prompt_ids[1:], entries[1:], top_n)
+        first = self.token_str(prompt_ids[0])
+        return {"tokens": [first] + lp["tokens"], "token_logprobs": [None] + lp["token_logprobs"],
+                "top_logprobs": [None] + lp["top_logprobs"],
+                "text_offset": [0] + [o + len(first) for o in lp["text_offset"]]}
+
+    def _echo_logprobs(self, req: ParsedRequest, i: int, ro, c) -> Optional[dict]:
+        """A completion choice's logprobs with echo: the prompt's tokens, then the generated ones (none with
+        max_tokens 0), text offsets running through both (vLLM's layout)."""
+        if req.logprobs is None or ro.prompt_logprobs is None:
+            return None
+        block = self.prompt_logprobs_block(req.kind, req.prompts[i], ro.prompt_logprobs, req.logprobs)
+        if req.echo_only or not c.token_ids or c.logprobs is None:
+            return block
+        off = block["text_offset"][-1] + len(block["tokens"][-1])
+        gen = self.logprobs_block(req.kind, c.token_ids, c.logprobs, req.logprobs, off)
+        return {k: block[k] + gen[k] for k in block}
+
+    def vllm_prompt_logprobs(self, ro) -> Optional[list]:
+        """vLLM's per-choice `prompt_logprobs`: None, then {id: {"logprob", "decoded_token"}} per prompt token."""
+        if ro.prompt_logprobs is None:
+            return None
+        return [None if e is None else {str(t): {"logprob": max(lp, _LOGPROB_FLOOR), "decoded_token": self.token_str(t)}
+                                        for t, lp in e.items()} for e in ro.prompt_logprobs]
+
     def usage(self, req: ParsedRequest, outputs: list) -> dict:
         prompt = sum(len(p) for p in req.prompts)
-        completion = sum(len(c.token_ids) for ro in outputs if ro is not None for c in ro.outputs)
+        completion = 0 if req.echo_only else sum(len(c.token_ids) for ro in outputs if ro is not None
+                                                 for c in ro.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _prompt_text(self, req: ParsedRequest, i: int) -> str:
@@ -517,8 +574,14 @@ class OpenAIServing:
                     choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
                 else:
                     text = (self._prompt_text(req, i) + c.text) if req.echo else c.text
+                    if req.echo:
+                        lp = self._echo_logprobs(req, i, ro, c)
+                        if req.echo_only:
+                            text = self._prompt_text(req, i)
                     choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                                     "stop_reason": c.stop_reason})
+                if req.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = self.vllm_prompt_logprobs(ro)
         choices.sort(key=lambda ch: ch["index"])
         return {
             "id": request_id,
