@@ -14,9 +14,9 @@ R rows), R copies of one prompt, greedy, `--steps` tokens per row: no grammar (i
 variant of `json_schema` (minItems = --steps, so the grammar cannot end the output first) on every row,
 interleaved over `--rounds` after an untimed warm-up. Per decode step: the engine step's wall and process-CPU
 time (`LLMEngine.step`: schedule, inputs, the compiled step, the stop check), its `_execute` part, the host
-sampling-array build (`ModelRunner._sampling_arrays`), the token masks inside it (`ModelRunner.token_mask`: the
-grammar's bitmask fill + AND) and the stop check (detokenize + grammar consume). Every row has the same grammar
-state (same prompt, greedy); the R rows' masks are computed one after another.
+sampling-array build (`ModelRunner._sampling_arrays`), the token masks inside it (`runner.fill_masks` +
+`ModelRunner.token_mask`: the grammar's bitmask fill, all rows together, + AND) and the stop check (detokenize +
+grammar consume). Every row has the same grammar state (same prompt, greedy).
 
 `--grammar-engines`: llguidance (jaxserve's engine) vs xgrammar on the Gemma 3 tokenizer (262,144 ids), the same
 schemas (`--doc-items` items) and whitespace rules, over the tokens of a fixed valid document: tokenizer build
@@ -158,6 +158,11 @@ class StepTimer:
         self.runner.token_mask = self._wrap("mask", self.runner.token_mask)
         self.runner._sampling_arrays = self._wrap("arrays", self.runner._sampling_arrays)
         self.eng._detokenize = self._wrap("stop", self.eng._detokenize)
+        # a step's grammar masks are filled together (runner.fill_masks) before token_mask ANDs them in
+        import jaxserve.engine.runner as runner_mod
+
+        self._fill_masks = runner_mod.fill_masks
+        runner_mod.fill_masks = self._wrap("mask", runner_mod.fill_masks)
 
     def _wrap(self, key, fn):
         acc = self.acc
@@ -176,6 +181,9 @@ class StepTimer:
 
     def remove(self):
         del self.runner.token_mask, self.runner._sampling_arrays, self.eng._detokenize
+        import jaxserve.engine.runner as runner_mod
+
+        runner_mod.fill_masks = self._fill_masks
 
 
 def decode_run(llm, timer, prompt_ids, R: int, steps: int, schema, tag: str) -> dict:
