@@ -327,6 +327,11 @@ def test_a_template_that_knows_tools_gets_them():
         forced = sv.parse("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
                                    "tool_choice": "required"})
         assert forced.params.structured_outputs.json["properties"]["name"] == {"const": "get_weather"}
+        open_tool = {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}}}}
+        args = sv.parse("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [open_tool],
+                                 "tool_choice": "required"}).params.structured_outputs.json["properties"]["arguments"]
+        assert args["additionalProperties"] is False  # closed to the declared properties, as strict mode is
         none = sv.parse("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
                                  "tool_choice": "none"})
         assert none.tools is None and "get_weather" not in none.prompt_texts[0]

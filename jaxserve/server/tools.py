@@ -6,7 +6,8 @@ How a tool call is asked for and read back:
   message listing the functions' JSON schemas and asking for a JSON object `{"name": ..., "arguments": {...}}`
   when a function is to be called (Gemma's documented prompt-based function calling).
 - `tool_choice` "required" or a named function constrains the output with a JSON-schema grammar (engine
-  structured output): a call to one of the allowed functions whose arguments match its `parameters` schema.
+  structured output): a call to one of the allowed functions whose arguments match its `parameters` schema
+  (closed to the declared properties when the schema leaves `additionalProperties` open, as strict mode does).
   "auto" leaves the model free and reads a call from its text when there is one (a bare JSON object, one inside a
   ```json fence, or Hermes/Qwen `<tool_call>...</tool_call>` blocks naming a declared function); "none" neither
   offers the tools nor reads calls.
@@ -105,8 +106,18 @@ def parse_tools(body: dict) -> Optional[ToolSpec]:
     return ToolSpec(functions, choice)
 
 
+def _closed(schema: dict) -> dict:
+    """An object schema that says nothing of `additionalProperties` gets `false`, as OpenAI's strict function
+    calling requires: the arguments then hold only the declared properties (still valid against the schema as
+    written), instead of a small model filling them with whatever it likes (often a copy of the schema itself)."""
+    if isinstance(schema, dict) and "properties" in schema and "additionalProperties" not in schema \
+            and schema.get("type", "object") == "object":
+        return {**schema, "additionalProperties": False}
+    return schema
+
+
 def _call_schema(f: dict) -> dict:
-    return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+    return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": _closed(f["parameters"])},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
