@@ -222,8 +222,14 @@ def main(argv=None) -> int:
     extra = [a for a in argv if a not in files]
     files = files or sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
     if os.environ.get("CI") and "JAXSERVE_CACHE" not in os.environ:
-        # CI: one private, initially empty cache (converted checkpoint, tokenizer) for all the files in turn.
+        # CI: one private, initially empty cache (converted checkpoint, tokenizer, compiled programs) for all the
+        # files. Compiling is most of the suite's time, and most files build the same tiny engines (and several
+        # the same Gemma 3 engine): with the compilation cache on, the first process to compile a program writes
+        # it and the others load it. Bounded (JAXSERVE_XLA_CACHE_MAX_BYTES), so JAX locks the directory around
+        # each read and write: two files side by side never see an entry half written.
         os.environ["JAXSERVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-ci-cache-")
+        os.environ.setdefault("JAXSERVE_XLA_CACHE", "1")
+        os.environ.setdefault("JAXSERVE_XLA_CACHE_MAX_BYTES", str(32 << 30))
     return run_one_process(files, extra) if one_process else run_per_file(files, extra, jobs)
 
 

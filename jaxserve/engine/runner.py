@@ -117,6 +117,10 @@ def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
     root = os.environ.get("JAXSERVE_CACHE", os.path.expanduser("~/.cache/jaxserve"))
     path = path or os.path.join(root, "xla")
     os.makedirs(path, exist_ok=True)
+    max_bytes = os.environ.get("JAXSERVE_XLA_CACHE_MAX_BYTES")
+    if max_bytes:  # a bounded cache: JAX then evicts LRU entries and takes a file lock around every read and write,
+        # so processes sharing the directory never read an entry another one is still writing (needs `filelock`)
+        jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         # JAX decides once per process whether the cache is in use (at its first compile); start over so a
