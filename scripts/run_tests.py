@@ -154,6 +154,9 @@ LAST_SECONDS = {
     "test_batch_invariance_real": 352, "test_batch_invariance": 296, "test_pallas_mesh": 258, "test_quant": 258,
     "test_bf16": 185, "test_speculative": 160, "test_engine": 145, "test_device_check": 127, "test_no_torch": 117,
     "test_eval_quality": 97, "test_weights": 93, "test_pallas_prefill": 89, "test_gemma3_real": 83,
+    # added 2026-12-06 (estimates scaled to the machine above: measured about twice these on a slower one)
+    "test_structured_real": 300, "test_prompt_logprobs_real": 200, "test_prompt_logprobs": 150,
+    "test_structured": 90, "test_lm_eval_real": 70, "test_moe": 60,
 }
 
 
