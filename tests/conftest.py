@@ -4,6 +4,7 @@ Compiling a program set takes seconds, so engines are cached here and reused by 
 the same configuration. Tests must leave the engine idle (no unfinished requests) when they return.
 """
 
+import contextlib
 import os
 import sys
 
@@ -80,3 +81,33 @@ def tiny_gemma3():
 def gemma():
     """The real Gemma 3 270M, shared by the slow tests of a module (freed after it, see above)."""
     return get_llm("gemma3-270m", max_model_len=1024, max_num_seqs=8, num_pages=1024)
+
+
+@contextlib.contextmanager
+def serve_in_thread(llm, name: str, timeout: float = 60.0):
+    """A real uvicorn server over `llm` (build_app, as `jaxserve serve` runs it) on a free 127.0.0.1 port, in a
+    daemon thread; yields its base URL ("http://127.0.0.1:PORT") and shuts it down on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from jaxserve.server.app import build_app
+
+    app = build_app(llm, served_model_names=[name])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)

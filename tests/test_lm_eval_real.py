@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
-import time
 
 import pytest
 
 from jaxserve import SamplingParams
+from tests.conftest import serve_in_thread
 
 pytestmark = pytest.mark.slow
 lm_eval = pytest.importorskip("lm_eval")
@@ -71,7 +69,6 @@ def test_lm_eval_loglikelihood_equals_prompt_logprobs(gemma, tmp_path, monkeypat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from jaxserve.server.app import build_app
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -95,27 +92,13 @@ def test_lm_eval_loglikelihood_equals_prompt_logprobs(gemma, tmp_path, monkeypat
         lps = [o.prompt_logprobs[len(ctx) + j][t] for j, t in enumerate(cont)]
         ref.append((sum(lps), lps))
 
-    app = build_app(gemma, served_model_names=["gemma"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    try:
+    with serve_in_thread(gemma, "gemma") as url:
         results = simple_evaluate(
             model="local-completions",
-            model_args={"model": "gemma", "base_url": f"http://127.0.0.1:{port}/v1/completions",
+            model_args={"model": "gemma", "base_url": f"{url}/v1/completions",
                         "tokenizer_backend": "remote", "num_concurrent": 1, "max_retries": 1},
             tasks=["jaxserve_pydoc_loglikelihood"], task_manager=TaskManager(include_path=str(task_dir)),
             log_samples=True)
-    finally:
-        srv.should_exit = True
-        thread.join(30)
     samples = sorted(results["samples"]["jaxserve_pydoc_loglikelihood"], key=lambda s: s["doc_id"])
     assert len(samples) == N_DOCS
     for s in samples:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from jaxserve import SamplingParams, StructuredOutputsParams
 from jaxserve.errors import InvalidSamplingParamsError
 from jaxserve.server.tools import ToolError, ToolSpec, messages_for_template, parse_tool_calls, parse_tools
-from tests.conftest import get_llm
+from tests.conftest import get_llm, serve_in_thread
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -205,24 +202,9 @@ def test_templates_without_tool_support_get_the_tools_as_text():
 def server(llm):
     httpx = pytest.importorskip("httpx")
     openai = pytest.importorskip("openai")
-    uvicorn = pytest.importorskip("uvicorn")
-    from jaxserve.server.app import build_app
-
-    app = build_app(llm, served_model_names=["tiny"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60), httpx.Client(base_url=url)
-    srv.should_exit = True
-    thread.join(30)
+    pytest.importorskip("uvicorn")
+    with serve_in_thread(llm, "tiny") as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60), httpx.Client(base_url=url)
 
 
 def test_server_response_format_and_guided_extras(server):

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import threading
-import time
 
 import pytest
+
+from tests.conftest import serve_in_thread
 
 pytestmark = pytest.mark.slow
 jsonschema = pytest.importorskip("jsonschema")
@@ -40,22 +39,8 @@ def _topics(n):
 
 @pytest.fixture(scope="module")
 def client(gemma):
-    from jaxserve.server.app import build_app
-
-    app = build_app(gemma, served_model_names=["gemma"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
-    srv.should_exit = True
-    thread.join(30)
+    with serve_in_thread(gemma, "gemma") as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
 
 
 def _ask(client, topic):

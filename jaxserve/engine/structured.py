@@ -106,8 +106,13 @@ class GrammarCompiler:
             log.exception("building the structured-output tokenizer failed")
 
     def matcher(self, so):
-        """A fresh matcher for one sequence. Raises InvalidSamplingParamsError if the grammar does not compile.
-        Thread-safe (the server compiles while parsing a request, the engine thread when adding it)."""
+        """A fresh matcher for one sequence (a copy of the compiled grammar's)."""
+        return self.compile(so).deep_copy()
+
+    def compile(self, so):
+        """The compiled grammar's matcher in its start state (cached; never advanced: `matcher` copies it).
+        Raises InvalidSamplingParamsError if the grammar does not compile. Thread-safe (the server compiles
+        while parsing a request, the engine thread when adding it)."""
         key = so.key()
         with self._lock:
             template = self._cache.get(key)
@@ -123,7 +128,7 @@ class GrammarCompiler:
                 self._cache[key] = template
                 while len(self._cache) > GRAMMAR_CACHE:
                     self._cache.popitem(last=False)
-        return template.deep_copy()
+        return template
 
 
 def fill_mask(matcher, out: np.ndarray) -> np.ndarray:

@@ -246,7 +246,7 @@ class OpenAIServing:
             so = spec if isinstance(spec, StructuredOutputsParams) else StructuredOutputsParams(**spec)
             grammars = getattr(self.engine, "grammars", None)
             if grammars is not None:
-                grammars.matcher(so)  # compiles (cached); raises on a bad schema / regex / grammar
+                grammars.compile(so)  # cached; raises on a bad schema / regex / grammar
         except TypeError as e:
             raise bad_request(f"{param}: {e}", param, "invalid_value") from None
         except JaxserveError as e:

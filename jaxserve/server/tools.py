@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from jaxserve.sampling_params import StructuredOutputsParams
+from jaxserve.weights.tokenizer import _text  # message content (a string or text parts) as text
 
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 FENCE = re.compile(r"^```[a-zA-Z_]*\s*\n?(.*?)\n?```$", re.S)
@@ -175,14 +176,6 @@ def messages_for_template(messages: list, spec: Optional[ToolSpec], native: bool
         else:
             merged.append(m)
     return merged
-
-
-def _text(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
 
 
 def _load_args(args):
