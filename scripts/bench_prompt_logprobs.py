@@ -28,7 +28,7 @@ r = llm.engine.runner
 t = time.time(); r.compile_scorer(); print(f"scorer compile alone: {time.time() - t:.1f}s", flush=True)
 for bucket in [(1, 256), (2, 128)]:
     R, Q = bucket
-    A = r.compile(r.sample_step, [bucket])
+    A = r.compile(r.logits_step, [bucket])
     B = r.programs
     rng = np.random.default_rng(0)
     entries = [([int(x) for x in rng.integers(3, 5000, Q)], 0, list(range(1 + i * 100, 1 + i * 100 + 64)))

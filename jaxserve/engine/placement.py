@@ -124,11 +124,14 @@ class Placement:
         return jax.jit(make, out_shardings=sh)()
 
     # ------------------------------------------------------------------ programs
-    def jit(self, step_fn, params, kv):
-        """The runner's step under jit with the shardings its placed params and KV cache have (KV donated)."""
+    def jit(self, step_fn, params, kv, sampling: bool = True):
+        """The runner's step under jit with the shardings its placed params and KV cache have (KV donated):
+        `step_fn(params, kv, inputs, sampling)`, or `step_fn(params, kv, inputs)` with `sampling=False` (a step
+        whose logits the runner's separate sampler program samples)."""
         p_sh = jax.tree.map(lambda a: a.sharding, params)
         kv_sh = jax.tree.map(lambda a: a.sharding, kv)
-        return jax.jit(step_fn, donate_argnums=(1,), in_shardings=(p_sh, kv_sh, self.replicated, self.replicated),
+        rest = (self.replicated, self.replicated) if sampling else (self.replicated,)
+        return jax.jit(step_fn, donate_argnums=(1,), in_shardings=(p_sh, kv_sh) + rest,
                        out_shardings=(self.replicated, kv_sh))
 
     def put_inputs(self, tree):

@@ -1,9 +1,10 @@
 """The model runner: owns the device state (params, KV pages) and the ahead-of-time compiled step programs.
 
-The executor contract: `compile(step_fn, buckets)` compiles a step function (`sample_step`, the engine's;
-`greedy_step`, a draft model's; or one built from `forward` + `sample`, like the verify step) for every `(R, Q)`
-bucket ahead of time, and `run(programs, bucket, inputs, sampling, num_rows)` runs one and returns a
-`StepResult` (numpy, per row). `execute(kind, rows, bucket)` is that for the scheduler's rows on the engine's
+The executor contract: `compile(step_fn, buckets)` compiles a step function (`logits_step`, the engine's;
+one built from `forward`, like the verify step; or, fused with its own sampling, `greedy_step`, a draft
+model's) for every `(R, Q)` bucket ahead of time, and `run(programs, bucket, inputs, sampling, num_rows)` runs
+one and returns a `StepResult` (numpy, per row). A step's logits are sampled by a separate sampler program, one
+per row count, shared by every bucket and step kind with that many rows (`StepProgram`). `execute(kind, rows, bucket)` is that for the scheduler's rows on the engine's
 own programs (`compile_all`). Programs compile at start-up (in parallel threads; XLA compiles release the GIL)
 and load from JAX's persistent compilation cache on later starts.
 The KV pages are donated to each call, so the cache is updated in place. A compile counter turns any
@@ -45,6 +46,36 @@ class StepResult(NamedTuple):
     logprobs: np.ndarray
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+
+
+class StepProgram:
+    """One bucket's compiled step (`ModelRunner.compile`), called like a jitted step: (params, kv, inputs,
+    sampling) -> (SampleResult, kv), or ((SampleResult, extra), kv) for a step whose forward returns
+    (logits, extra). The forward program (KV donated), then the runner's sampler program for its rows; both
+    dispatch asynchronously, so the logits stay on the device. Fused (`sampler` None): one program of the whole
+    step. `positions`: the sampler's rows are the bucket's R x Q positions (`compile(sampled_positions=True)`).
+
+    Why two programs: XLA:CPU spends most of a fused step's compile time in the sampler (measured on tiny-llama,
+    forward 3-4 s, sampler 10-15 s per program), and the sampler only depends on the row count, so one sampler
+    program per row count replaces one per bucket (and the persistent compilation cache shares it between
+    engines of the same vocabulary and history width)."""
+
+    def __init__(self, forward, sampler=None, positions: bool = False):
+        self.forward = forward
+        self.sampler = sampler
+        self.positions = positions
+
+    def __call__(self, params, kv, inputs, sampling):
+        if self.sampler is None:
+            return self.forward(params, kv, inputs, sampling)
+        out, kv = self.forward(params, kv, inputs)
+        if isinstance(out, tuple):  # (logits, extra)
+            return (self.sampler(out[0], sampling),) + tuple(out[1:]), kv
+        return self.sampler(out, sampling), kv
+
+    def as_text(self) -> str:
+        """The forward program's HLO (the model's collectives and kernels live there)."""
+        return self.forward.as_text()
 
 
 class SamplingRow(NamedTuple):
@@ -234,6 +265,8 @@ class ModelRunner:
             self.invariance = choose_row_tiles(model_cfg, self.params, self.page_size, engine_cfg.attn_block_pages,
                                                rows)
         self._programs: dict = {}
+        self._samplers: dict = {}  # (logits shape, dtype) -> Future of the compiled sampler (_sampler_program)
+        self._sampler_lock = threading.Lock()
         # Prompt logprobs: the prefill programs also return every position's hidden state (kept on device), and
         # one small "scorer" program turns the positions that ask into logprobs (score_step). The pipeline's
         # forward has no hidden-state output: the engine rejects such requests there.
@@ -260,18 +293,23 @@ class ModelRunner:
         row_chunk = 1 if self.cfg.batch_invariant else None
         return sample(logits, st, self.max_logprobs, row_chunk=row_chunk)
 
-    def sample_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
-        """The engine's step: forward + on-device sampling of each row's next token."""
-        logits, kv = self.forward(params, kv, inp)
-        return self.sample(logits, st), kv
+    def logits_step(self, params, kv, inp: StepInputs):
+        """The engine's step as it compiles: the forward, (logits f32[R, V], kv); the sampler program samples them."""
+        return self.forward(params, kv, inp)
 
-    def prefill_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
-        """`sample_step` that also returns every position's hidden state [R, Q, D] (for prompt logprobs; the
-        engine's prefill programs where the placement supports it). ((SampleResult, hidden), kv)."""
+    def prefill_logits_step(self, params, kv, inp: StepInputs):
+        """`logits_step` that also returns every position's hidden state [R, Q, D] (for prompt logprobs; the
+        engine's prefill programs where the placement supports it): ((logits, hidden), kv)."""
         logits, kv, hidden = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                           block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
                                           batch_invariant=self.invariance, return_hidden=True)
-        return (self.sample(logits, st), hidden), kv
+        return (logits, hidden), kv
+
+    def sample_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
+        """Forward + on-device sampling of each row's next token as one function (what `logits_step` and the
+        sampler program compute together; `jax.export` of a whole step, tests/mesh_export.py)."""
+        logits, kv = self.forward(params, kv, inp)
+        return self.sample(logits, st), kv
 
     def score_step(self, params, hidden, targets, count):
         """The prompt-logprob scorer: hidden [N, D] (prefill steps' hidden states, packed), target ids i32[N],
@@ -328,28 +366,55 @@ class ModelRunner:
         """The engine's (R, Q) step shapes: the decode ladder as (R, 1), then the prefill ladder."""
         return [(r, 1) for r in self.cfg.decode_buckets()] + list(self.cfg.prefill_buckets())
 
-    def jit_step(self, step_fn):
-        """`step_fn(params, kv, inputs, sampling)` under jit with the placement's shardings, KV donated.
-        The engine's steps and the speculative verify steps both compile through here."""
-        return self.placement.jit(step_fn, self.params, self.kv)
+    def jit_step(self, step_fn, sampling: bool = True):
+        """`step_fn(params, kv, inputs, sampling)` (or `step_fn(params, kv, inputs)`, `sampling=False`) under jit
+        with the placement's shardings, KV donated. The engine's steps and the speculative verify steps both
+        compile through here."""
+        return self.placement.jit(step_fn, self.params, self.kv, sampling=sampling)
+
+    def _sampler_program(self, logits_abs, st_abs):
+        """The sampler compiled for logits of `logits_abs`'s shape (one program per row count, compiled once:
+        threads of `compile` that need the same one wait for the first)."""
+        key = (tuple(logits_abs.shape), str(logits_abs.dtype))
+        with self._sampler_lock:
+            fut = self._samplers.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._samplers[key] = concurrent.futures.Future()
+        if owner:
+            try:
+                rep = self.placement.replicated
+                fn = jax.jit(self.sample, in_shardings=(rep, rep), out_shardings=rep)
+                with jax_config.persistent_cache_min_compile_time_secs(0.0):
+                    fut.set_result(fn.lower(jax.ShapeDtypeStruct(logits_abs.shape, logits_abs.dtype),
+                                            st_abs).compile())
+            except BaseException as e:
+                with self._sampler_lock:
+                    del self._samplers[key]
+                fut.set_exception(e)
+                raise
+        return fut.result()
 
     def place_inputs(self, inputs):
         """Host step inputs as a program takes them (`Placement.put_inputs`: replicated on its mesh)."""
         return self.placement.put_inputs(inputs)
 
     def compile(self, step_fn, buckets, sampled_positions: bool = False, progress=None,
-                step_fns: Optional[dict] = None) -> dict:
-        """Compile `step_fn(params, kv, StepInputs, SamplingTensors) -> (result, kv)` for every (R, Q) bucket
-        ahead of time (in parallel threads; each program goes to the persistent cache when enabled, however
-        fast it compiled). `sampled_positions`: the sampler gets R * Q rows (one per position) instead of R.
+                step_fns: Optional[dict] = None, fused: bool = False) -> dict:
+        """Compile a step for every (R, Q) bucket ahead of time (in parallel threads; each program goes to the
+        persistent cache when enabled, however fast it compiled). `step_fn(params, kv, StepInputs) -> (logits
+        f32[N, V], kv)` or `((logits, extra), kv)`: each bucket's program is that step, then the sampler program
+        for its N rows (see `StepProgram`). `sampled_positions`: N = R * Q (the logits have a row per position,
+        row-major), and the results come back as [R, Q, ...]; else N = R. `fused`: `step_fn(params, kv,
+        StepInputs, SamplingTensors) -> (result, kv)` samples by itself, one program (`greedy_step`).
         `step_fns`: {bucket: step function} for buckets that compile another step (the engine's prefill steps).
-        Returns {bucket: program} for `run`."""
+        Returns {bucket: StepProgram} for `run`."""
         jitted = {}
 
         def jit_for(bucket):
             f = (step_fns or {}).get(bucket, step_fn)
             if f not in jitted:
-                jitted[f] = self.jit_step(f)
+                jitted[f] = self.jit_step(f, sampling=fused)
             return jitted[f]
 
         fns = {b: jit_for(b) for b in buckets}
@@ -360,7 +425,13 @@ class ModelRunner:
             R, Q = bucket
             inp, st = self.abstract_inputs(R, Q, R * Q if sampled_positions else R)
             with jax_config.persistent_cache_min_compile_time_secs(0.0):
-                return bucket, fns[bucket].lower(p_abs, kv_abs, inp, st).compile()
+                if fused:
+                    return bucket, StepProgram(fns[bucket].lower(p_abs, kv_abs, inp, st).compile())
+                lowered = fns[bucket].lower(p_abs, kv_abs, inp)
+                forward = lowered.compile()
+            out = lowered.out_info[0]
+            logits = out[0] if isinstance(out, tuple) else out
+            return bucket, StepProgram(forward, self._sampler_program(logits, st), positions=sampled_positions)
 
         buckets = list(buckets)
         programs = {}
@@ -373,19 +444,19 @@ class ModelRunner:
         return programs
 
     def compile_all(self, progress=None) -> float:
-        """Compile the engine's step for every bucket ahead of time (`sample_step`; on the prefill ladder
-        `prefill_step`, and the prompt-logprob scorer beside them, where the placement supports prompt logprobs).
+        """Compile the engine's step for every bucket ahead of time (`logits_step`; on the prefill ladder
+        `prefill_logits_step`, and the prompt-logprob scorer beside them, where the placement supports prompt logprobs).
         Returns seconds spent."""
         t0 = time.monotonic()
         todo = [b for b in self.buckets() if b not in self._programs]
         step_fns = {}
         scorer = None
         if self.supports_prompt_logprobs:
-            step_fns = {b: self.prefill_step for b in self.cfg.prefill_buckets()}
+            step_fns = {b: self.prefill_logits_step for b in self.cfg.prefill_buckets()}
             if self._scorer is None:  # beside the step programs (XLA compiles release the GIL)
                 scorer = concurrent.futures.ThreadPoolExecutor(1)
                 future = scorer.submit(self.compile_scorer)
-        self._programs.update(self.compile(self.sample_step, todo, progress=progress, step_fns=step_fns))
+        self._programs.update(self.compile(self.logits_step, todo, progress=progress, step_fns=step_fns))
         if scorer is not None:
             self._scorer = future.result()
             scorer.shutdown()
@@ -409,9 +480,11 @@ class ModelRunner:
         before = compile_count()
         res, self.kv = prog(self.params, self.kv, *placed)
         hidden = None
-        if not isinstance(res, SampleResult):  # a prefill_step program: (SampleResult, hidden)
+        if not isinstance(res, SampleResult):  # a prefill_logits_step program: (SampleResult, hidden)
             res, hidden = res
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
+        if getattr(prog, "positions", False):  # a row per position: [R * Q, ...] -> [R, Q, ...]
+            out = tuple(a.reshape(tuple(bucket) + a.shape[1:]) for a in out)
         scored = self._score_spans(hidden, spans) if spans else {}
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")

@@ -146,7 +146,7 @@ class ModelDraftProposer(Proposer):
     def compile_all(self) -> float:
         t0 = time.monotonic()
         todo = [b for b in self.buckets if b not in self._programs]
-        self._programs.update(self.runner.compile(self.runner.greedy_step, todo))
+        self._programs.update(self.runner.compile(self.runner.greedy_step, todo, fused=True))
         return time.monotonic() - t0
 
     def forget(self, seq_id: int) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 
-import jax
 
 from jaxserve.engine.request import SampledToken
 from jaxserve.engine.runner import SamplingRow
@@ -63,12 +62,12 @@ class Speculator:
         self.accept_hist = [0] * (self.K + 1)  # row-steps by number of accepted drafts
 
     # -------------------------------------------------------------- programs
-    def _verify_step(self, params, kv, inp, st):
-        """Logits at every position, each sampled by the engine's sampler (R * Q sampling rows)."""
+    def _verify_step(self, params, kv, inp):
+        """Logits at every position, [R * Q, V] row-major: the engine's sampler program samples each (R * Q
+        sampling rows; `run` returns [R, Q] results)."""
         logits, kv = self.runner.forward(params, kv, inp, all_logits=True)
         R, Q, V = logits.shape
-        res = self.runner.sample(logits.reshape(R * Q, V), st)
-        return jax.tree.map(lambda a: a.reshape((R, Q) + a.shape[1:]), res), kv
+        return logits.reshape(R * Q, V), kv
 
     def compile_all(self) -> float:
         """Compile the (R, K + 1) verify programs (and the proposer's), then time them against the decode
