@@ -231,6 +231,8 @@ def main(argv=None) -> int:
         # it and the others load it. Bounded (JAXSERVE_XLA_CACHE_MAX_BYTES), so JAX locks the directory around
         # each read and write: two files side by side never see an entry half written.
         os.environ["JAXSERVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-ci-cache-")
+        # the compiled programs also for the tests' subprocesses that convert into a JAXSERVE_CACHE of their own
+        os.environ.setdefault("JAXSERVE_XLA_CACHE_DIR", os.path.join(os.environ["JAXSERVE_CACHE"], "xla"))
         os.environ.setdefault("JAXSERVE_XLA_CACHE", "1")
         os.environ.setdefault("JAXSERVE_XLA_CACHE_MAX_BYTES", str(32 << 30))
     return run_one_process(files, extra) if one_process else run_per_file(files, extra, jobs)

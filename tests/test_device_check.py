@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow  # ~4-5 minutes on 2 CPU cores (interpret-mode engine compiles dominate)
 def test_device_check_smoke(tmp_path):
-    env = dict(os.environ, JAXSERVE_XLA_CACHE="0", JAXSERVE_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, JAXSERVE_CACHE=str(tmp_path / "cache"))  # (the XLA cache: as this process has it)
     env.pop("OUT", None)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "device_check.py"), "--smoke",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT,

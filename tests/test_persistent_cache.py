@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent("""
 
 def _start(cache_dir):
     env = dict(os.environ, JAXSERVE_CACHE=str(cache_dir), JAXSERVE_XLA_CACHE="1")
+    env.pop("JAXSERVE_XLA_CACHE_DIR", None)  # (the CI runner's shared one)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,6 +47,7 @@ def test_second_start_loads_engine_programs_from_cache(tmp_path):
 
 def test_cache_can_be_turned_off(tmp_path):
     env = dict(os.environ, JAXSERVE_CACHE=str(tmp_path), JAXSERVE_XLA_CACHE="0")
+    env.pop("JAXSERVE_XLA_CACHE_DIR", None)
     code = "from jaxserve.engine.runner import enable_persistent_cache as e; print(e())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)

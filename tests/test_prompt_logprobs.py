@@ -204,7 +204,7 @@ def test_tensor_parallel_mesh_and_pipeline_refusal():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAXSERVE_XLA_CACHE="0")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, root], cwd=root, env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]

@@ -134,7 +134,8 @@ def persistent_cache_enabled() -> bool:
 
 
 def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
-    """Point JAX's persistent compilation cache at ~/.cache/jaxserve/xla (or $JAXSERVE_CACHE/xla).
+    """Point JAX's persistent compilation cache at ~/.cache/jaxserve/xla (or $JAXSERVE_CACHE/xla, or
+    $JAXSERVE_XLA_CACHE_DIR: the test runner shares one between processes whose JAXSERVE_CACHE differs).
 
     Only the directory is set globally; the engine's own programs are written to it whatever their compile
     time (`compile_all` lowers the threshold for its own compiles only), while other jitted code in the
@@ -146,7 +147,7 @@ def enable_persistent_cache(path: Optional[str] = None) -> Optional[str]:
     if not persistent_cache_enabled():
         return None
     root = os.environ.get("JAXSERVE_CACHE", os.path.expanduser("~/.cache/jaxserve"))
-    path = path or os.path.join(root, "xla")
+    path = path or os.environ.get("JAXSERVE_XLA_CACHE_DIR") or os.path.join(root, "xla")
     os.makedirs(path, exist_ok=True)
     max_bytes = os.environ.get("JAXSERVE_XLA_CACHE_MAX_BYTES")
     if max_bytes:  # a bounded cache: JAX then evicts LRU entries and takes a file lock around every read and write,
