@@ -51,10 +51,10 @@ def assert_layouts(res: dict, tensor_parallel: tuple = (), tol: float = LOGPROB_
         assert hlo["weight_gathers"] == [], f"{spec}: a whole weight matrix is all-gathered: {hlo['weight_gathers']}"
         if spec in tensor_parallel:
             # Row-parallel wo / w_down and the vocab-parallel embedding reduce partial sums of the hidden state
-            # ([R, Q, D] activations), not weights.
+            # ([R, Q, D] activations; XLA may drop the decode step's Q = 1 axis: [R, D]), not weights.
             assert hlo["collectives"]["all-reduce"] > 0, (spec, hlo)
             D = hlo["hidden_size"]
-            assert any(len(s) == 3 and s[-1] == D and s[0] <= R for s in hlo["all_reduce_shapes"]), \
+            assert any(len(s) in (2, 3) and s[-1] == D and s[0] <= R for s in hlo["all_reduce_shapes"]), \
                 (spec, hlo["all_reduce_shapes"])
         if "stage=" in spec and "stage=1" not in spec:
             assert hlo["collectives"]["collective-permute"] > 0, (spec, hlo)  # activations between stages
