@@ -146,17 +146,17 @@ def run_one_process(files: list, extra: list) -> int:
     return _summary(results, time.monotonic() - t_all)
 
 
-# Seconds per file in the last full CI run (one file at a time, 2 cores), to start the longest first when files
-# run side by side; a file not listed counts as a minute. Only the order depends on it.
+# Seconds per file in the last full CI-style run (`.ci/run` on a clean clone, two files side by side, 2 cores,
+# 2026-12-07: 57.1 min), to start the longest first; a file not listed counts as a minute. Only the order
+# depends on it.
 LAST_SECONDS = {
-    "test_parallel": 530, "test_parallel_real": 430,  # (805 s as one file; these two measured side by side)
-    "test_speculative_distribution": 390, "test_engine_pallas": 385, "test_speculative_real": 383,
-    "test_batch_invariance_real": 352, "test_batch_invariance": 296, "test_pallas_mesh": 258, "test_quant": 258,
-    "test_bf16": 185, "test_speculative": 160, "test_engine": 145, "test_device_check": 127, "test_no_torch": 117,
-    "test_eval_quality": 97, "test_weights": 93, "test_pallas_prefill": 89, "test_gemma3_real": 83,
-    # added 2026-12-06 (estimates scaled to the machine above: measured about twice these on a slower one)
-    "test_structured_real": 300, "test_prompt_logprobs_real": 200, "test_prompt_logprobs": 150,
-    "test_structured": 90, "test_lm_eval_real": 70, "test_moe": 60,
+    "test_batch_invariance_real": 619, "test_speculative_distribution": 593, "test_speculative_real": 564,
+    "test_parallel": 538, "test_parallel_real": 466, "test_engine_pallas": 360, "test_pallas_mesh": 343,
+    "test_batch_invariance": 312, "test_quant": 303, "test_device_check": 207, "test_structured_real": 199,
+    "test_bf16": 189, "test_prompt_logprobs": 186, "test_pallas_prefill": 146, "test_engine": 126,
+    "test_no_torch": 126, "test_weights": 116, "test_sampling": 114, "test_families": 111, "test_batch_job": 100,
+    "test_lm_eval_real": 95, "test_eval_quality": 91, "test_speculative": 89, "test_pallas_decode": 83,
+    "test_moe": 78, "test_multihost": 78, "test_structured": 70, "test_tokenizer": 66,
 }
 
 
