@@ -4,9 +4,10 @@ The executor contract: `compile(step_fn, buckets)` compiles a step function (`lo
 one built from `forward`, like the verify step; or, fused with its own sampling, `greedy_step`, a draft
 model's) for every `(R, Q)` bucket ahead of time, and `run(programs, bucket, inputs, sampling, num_rows)` runs
 one and returns a `StepResult` (numpy, per row). A step's logits are sampled by a separate sampler program, one
-per row count, shared by every bucket and step kind with that many rows (`StepProgram`). `execute(kind, rows, bucket)` is that for the scheduler's rows on the engine's
-own programs (`compile_all`). Programs compile at start-up (in parallel threads; XLA compiles release the GIL)
-and load from JAX's persistent compilation cache on later starts.
+per row count, shared by every bucket and step kind with that many rows (`StepProgram`). `execute(kind, rows,
+bucket)` is that for the scheduler's rows on the engine's own programs (`compile_all`). Programs compile at
+start-up (in parallel threads; XLA compiles release the GIL) and load from JAX's persistent compilation cache on
+later starts.
 The KV pages are donated to each call, so the cache is updated in place. A compile counter turns any
 compilation after warm-up into an error (or a warning), the way vLLM-TPU's ForbidCompile does.
 """
@@ -446,8 +447,8 @@ class ModelRunner:
 
     def compile_all(self, progress=None) -> float:
         """Compile the engine's step for every bucket ahead of time (`logits_step`; on the prefill ladder
-        `prefill_logits_step`, and the prompt-logprob scorer beside them, where the placement supports prompt logprobs).
-        Returns seconds spent."""
+        `prefill_logits_step`, and the prompt-logprob scorer beside them, where the placement supports prompt
+        logprobs). Returns seconds spent."""
         t0 = time.monotonic()
         todo = [b for b in self.buckets() if b not in self._programs]
         step_fns = {}
@@ -484,7 +485,7 @@ class ModelRunner:
         if not isinstance(res, SampleResult):  # a prefill_logits_step program: (SampleResult, hidden)
             res, hidden = res
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
-        if getattr(prog, "positions", False):  # a row per position: [R * Q, ...] -> [R, Q, ...]
+        if prog.positions:  # a row per position: [R * Q, ...] -> [R, Q, ...]
             out = tuple(a.reshape(tuple(bucket) + a.shape[1:]) for a in out)
         scored = self._score_spans(hidden, spans) if spans else {}
         if compile_count() != before:

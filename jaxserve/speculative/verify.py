@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 
-
 from jaxserve.engine.request import SampledToken
 from jaxserve.engine.runner import SamplingRow
 from jaxserve.engine.structured import valid_prefix
