@@ -57,9 +57,9 @@ class StepProgram:
     step. `positions`: the sampler's rows are the bucket's R x Q positions (`compile(sampled_positions=True)`).
 
     Why two programs: XLA:CPU spends most of a fused step's compile time in the sampler (tiny-llama under
-    `jax_log_compiles`, a loaded 2-core machine: forward 3-4 s, sampler 10-15 s per program), and the sampler only depends on the row count, so one sampler
-    program per row count replaces one per bucket (and the persistent compilation cache shares it between
-    engines of the same vocabulary and history width)."""
+    `jax_log_compiles`, a loaded 2-core machine: forward 3-4 s, sampler 10-15 s per program), and the sampler
+    only depends on the row count, so one sampler program per row count replaces one per bucket (and the
+    persistent compilation cache shares it between engines of the same vocabulary and history width)."""
 
     def __init__(self, forward, sampler=None, positions: bool = False):
         self.forward = forward
