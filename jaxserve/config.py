@@ -37,7 +37,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0
     # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    #  "original_max_position_embeddings"} or {"rope_type": "linear", "factor"}; applies to global layers.
+    #  "original_max_position_embeddings"}, {"rope_type": "linear", "factor"} or {"rope_type": "freq_factors",
+    #  "factors": [hd/2 divisors of the inverse frequencies]} (a GGUF's rope_freqs); applies to global layers.
     rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False

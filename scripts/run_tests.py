@@ -154,7 +154,8 @@ LAST_SECONDS = {
     "test_parallel": 538, "test_parallel_real": 466, "test_engine_pallas": 360, "test_pallas_mesh": 343,
     "test_batch_invariance": 312, "test_quant": 303, "test_device_check": 207, "test_structured_real": 199,
     "test_bf16": 189, "test_prompt_logprobs": 186, "test_pallas_prefill": 146, "test_engine": 126,
-    "test_no_torch": 126, "test_weights": 116, "test_sampling": 114, "test_families": 111, "test_batch_job": 100,
+    "test_no_torch": 126, "test_weights": 116, "test_sampling": 114, "test_families": 111, "test_families_gguf": 251,
+    "test_batch_job": 100,
     "test_lm_eval_real": 95, "test_eval_quality": 91, "test_speculative": 89, "test_pallas_decode": 83,
     "test_moe": 78, "test_multihost": 78, "test_structured": 70, "test_tokenizer": 66,
 }

@@ -14,6 +14,8 @@ default 0.02 gives near-ties everywhere)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -64,9 +66,13 @@ def _prompts():
     return [[int(t) for t in r.integers(3, V, n)] for n in (3, 9, 17, 40, 26)]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_greedy_matches_transformers(tmp_path, family):
+def build_hf(family: str, out_dir, **config_changes):
+    """transformers' tiny random model of `family` (norms and biases randomised too), saved to `out_dir`."""
     cls, cfg = FAMILIES[family]
+    if config_changes:
+        cfg = copy.deepcopy(cfg)
+        for k, v in config_changes.items():
+            setattr(cfg, k, v)
     torch.manual_seed(0)
     model = cls(cfg).eval()
     with torch.no_grad():
@@ -75,16 +81,13 @@ def test_family_greedy_matches_transformers(tmp_path, family):
                 p.normal_(0.0, 0.3)  # non-trivial norm weights (Gemma's 1 + w fold, Qwen3's q/k norms)
             elif "bias" in name:
                 p.normal_(0.0, 0.3)
-    model.save_pretrained(str(tmp_path))
-    llm = LLM(str(tmp_path), **ENGINE)
-    jc = llm.engine.model_cfg
-    if family in ("mistral", "gemma2", "gemma3", "mixtral"):
-        assert jc.sliding_window == WINDOW
-    assert jc.qk_norm == (family in ("qwen3", "gemma3", "qwen3_moe"))
-    assert jc.attention_bias == (family in ("qwen2", "qwen2_moe"))
-    assert (jc.num_experts, jc.num_experts_per_tok) == ((8, 2) if family in MOE else (0, 0))
-    assert jc.shared_expert_intermediate_size == (48 if family == "qwen2_moe" else 0)
+    model.save_pretrained(str(out_dir))
+    return model
 
+
+def check_greedy_against(model, llm, family: str, tol: float = 1e-4):
+    """The engine's greedy continuations of mixed-length prompts: each token transformers' argmax (or within `tol`
+    of its max logit) and its logprob transformers' log-softmax within `tol` (teacher forcing)."""
     prompts = _prompts()
     sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     outs = llm.generate(prompts, sp, use_tqdm=False)
@@ -96,7 +99,24 @@ def test_family_greedy_matches_transformers(tmp_path, family):
         lsm = torch.log_softmax(logits, dim=-1).numpy()
         for j, t in enumerate(toks):
             row = logits[len(prompt) - 1 + j].numpy()
-            assert row[t] >= row.max() - 1e-4, (family, len(prompt), j, t, int(row.argmax()), row.max() - row[t])
+            assert row[t] >= row.max() - tol, (family, len(prompt), j, t, int(row.argmax()), row.max() - row[t])
             got = out.outputs[0].logprobs[j][t]
-            assert abs(got - lsm[len(prompt) - 1 + j, t]) < 1e-4, (family, len(prompt), j, got,
-                                                                    lsm[len(prompt) - 1 + j, t])
+            assert abs(got - lsm[len(prompt) - 1 + j, t]) < tol, (family, len(prompt), j, got,
+                                                                   lsm[len(prompt) - 1 + j, t])
+
+
+def check_config(jc, family: str, window=WINDOW):
+    if family in ("mistral", "gemma2", "gemma3", "mixtral"):
+        assert jc.sliding_window == window
+    assert jc.qk_norm == (family in ("qwen3", "gemma3", "qwen3_moe"))
+    assert jc.attention_bias == (family in ("qwen2", "qwen2_moe"))
+    assert (jc.num_experts, jc.num_experts_per_tok) == ((8, 2) if family in MOE else (0, 0))
+    assert jc.shared_expert_intermediate_size == (48 if family == "qwen2_moe" else 0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_greedy_matches_transformers(tmp_path, family):
+    model = build_hf(family, tmp_path)
+    llm = LLM(str(tmp_path), **ENGINE)
+    check_config(llm.engine.model_cfg, family)
+    check_greedy_against(model, llm, family)

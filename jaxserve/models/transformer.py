@@ -179,6 +179,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
                 mid = (1 - smooth) * inv / factor + smooth * inv
                 is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
                 inv = np.where(is_mid, mid, scaled)
+            elif sc["rope_type"] == "freq_factors":  # llama.cpp's rope_freqs tensor, as a GGUF stores it
+                inv = inv / np.asarray(sc["factors"], np.float64)
             else:
                 raise ValueError(f"unsupported rope_type {sc['rope_type']!r}")
         rows.append(inv)

@@ -13,8 +13,14 @@
   stored Gemma norm value minus 1 is exactly representable in bfloat16 (the original checkpoint's dtype)
   while the stored values themselves are not (40-95% per tensor); and transformers' GGUF loader subtracts
   1 from every `norm.weight` of gemma2/gemma3 files before its own `(1 + w)` RMSNorm. Llama norms are plain.
-* Llama-architecture files: the converter permutes the rows of Q and K for interleaved ("GPT-J") RoPE; we
-  un-permute them to HF's rotate-half layout. Qwen2 and Gemma 3 files are not permuted.
+* Llama-architecture files (Llama, Mistral): the converter permutes the rows of Q and K for interleaved
+  ("GPT-J") RoPE; we un-permute them to HF's rotate-half layout. Qwen2/Qwen3 and Gemma 2/3 files are not permuted.
+* Architectures: `llama` (Llama 2/3.x, Mistral), `qwen2`, `qwen3` (q/k norms), `gemma2` (soft-capping, every
+  other layer sliding), `gemma3`, and the mixtures of experts: Mixtral (`llama` with `expert_count`), `qwen2moe`
+  (shared expert, no top-k renormalisation), `qwen3moe` (renormalised, q/k norms). What llama.cpp hard-codes rather than records (Gemma's sliding-window period and
+  query scale, Gemma 3's local RoPE base) comes from llama.cpp's own rules. tests/test_families_gguf.py converts
+  tiny HF models of each family with llama.cpp's convert_hf_to_gguf.py and checks the loaded model against
+  transformers.
 
 Errors (missing, truncated, corrupt file, unsupported architecture) raise `CheckpointError` naming the file.
 """
@@ -44,8 +50,8 @@ _THREADS = 2
 _SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim")
 
-# GGUF architecture -> the ModelConfig family. Mistral files use the "llama" architecture.
-_SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+# GGUF architectures read here. Mistral files use the "llama" architecture.
+_SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
 
 # Gemma 3 facts the GGUF does not record (llama.cpp hard-codes them); the same values as config._gemma3.
 _GEMMA3_DEFAULTS = dict(
@@ -213,17 +219,20 @@ def _llama3_rope_factors(head_dim, theta, factor, low, high, orig) -> np.ndarray
 
 
 def _rope_scaling_from_freqs(path, freqs: np.ndarray, head_dim, theta) -> dict:
+    """RoPE scaling from llama.cpp's `rope_freqs` tensor (inverse frequencies are divided by it): a Llama 3.x
+    "llama3" scaling when the factors are one of the released ones, else the factors themselves."""
+    if freqs.shape != (head_dim // 2,) or not (np.isfinite(freqs).all() and (freqs > 0).all()):
+        raise CheckpointError(f"{path}: rope_freqs has shape {freqs.shape} or non-positive values; expected "
+                              f"{head_dim // 2} positive factors")
     for factor in (8.0, 16.0, 32.0, 4.0, 2.0):
         for orig in (8192, 4096, 2048):
             ref = _llama3_rope_factors(head_dim, theta, factor, 1.0, 4.0, orig)
-            if ref.shape == freqs.shape and np.allclose(ref, freqs, rtol=1e-4):
+            if np.allclose(ref, freqs, rtol=1e-4):
                 return {
                     "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": orig,
                 }
-    raise CheckpointError(
-        f"{path}: has a rope_freqs tensor that matches no known Llama 3 RoPE scaling; unsupported file"
-    )
+    return {"rope_type": "freq_factors", "factors": [float(f) for f in freqs]}
 
 
 def _slug(name: str) -> str:
@@ -254,9 +263,6 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict,
             raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return v
 
-    if get("expert_count"):  # Mixtral / Qwen MoE GGUFs (ffn_*_exps tensors): not read yet
-        raise CheckpointError(f"{path}: mixture-of-experts GGUF files ({arch}.expert_count={get('expert_count')}) "
-                              f"are not supported; load the model's HF safetensors directory instead")
     hidden = int(need("embedding_length"))
     n_heads = int(need("attention.head_count"))
     n_kv = get("attention.head_count_kv", n_heads)
@@ -302,7 +308,43 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict,
     general_name = meta.get("general.name") or os.path.splitext(os.path.basename(path))[0]
     name = _slug(general_name)
 
-    if arch == "gemma3":
+    moe = {}
+    if get("expert_count"):
+        # Mixtral (the llama architecture): experts of feed_forward_length, renormalised top-k. Qwen MoE: experts of
+        # expert_feed_forward_length, renormalised in Qwen3-MoE only (llama.cpp's rule for both), Qwen2-MoE's
+        # shared expert of expert_shared_feed_forward_length.
+        if arch not in ("llama", "qwen2moe", "qwen3moe"):
+            raise CheckpointError(f"{path}: mixture-of-experts {arch} GGUF files are not supported")
+        moe = dict(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                   moe_intermediate_size=int(get("expert_feed_forward_length") or need("feed_forward_length")),
+                   norm_topk_prob=arch != "qwen2moe",
+                   shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length") or 0))
+        if not 0 < moe["num_experts_per_tok"] <= moe["num_experts"]:
+            raise CheckpointError(f"{path}: expert_used_count {moe['num_experts_per_tok']} not in 1..{moe['num_experts']}")
+    elif arch in ("qwen2moe", "qwen3moe"):
+        raise CheckpointError(f"{path}: {arch} GGUF lacks {arch}.expert_count")
+    if arch == "gemma2":
+        # llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA2): layers 0, 2, 4, ... sliding; queries scaled by head_dim
+        # except the 27B (46 layers), scaled by hidden / heads; one RoPE base for both kinds of layer.
+        softcap = get("final_logit_softcapping")
+        attn_cap = get("attn_logit_softcapping")
+        cfg = ModelConfig(
+            name=name,
+            arch="gemma2",
+            hidden_act="gelu_tanh",
+            sliding_window=int(get("attention.sliding_window", 4096)),
+            global_every=2,
+            query_pre_attn_scalar=hidden // n_heads if common["num_layers"] == 46 else head_dim,
+            embed_scale=True,
+            post_norms=True,
+            final_logit_softcap=_clean_float(softcap) if softcap else None,
+            attn_logit_softcap=_clean_float(attn_cap) if attn_cap else None,
+            bos_token_id=int(tok("bos_token_id")) if tok("bos_token_id") is not None else 2,
+            eos_token_ids=tuple(dict.fromkeys([*eos, 1, 107])),  # <eos> and <end_of_turn>, as for Gemma 3
+            chat_template="gemma",
+            **common,
+        )
+    elif arch == "gemma3":
         d = _GEMMA3_DEFAULTS
         # The GGUF names <eos> only; Gemma also stops at <end_of_turn>.
         eos_ids = tuple(dict.fromkeys([*eos, *d["eos_token_ids"]]))
@@ -328,9 +370,9 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict,
         )
     else:
         is_mistral = "mistral" in general_name.lower()
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
             template = "chatml"
-        elif is_mistral:
+        elif is_mistral or moe:  # Mixtral
             template = "mistral"
         else:
             template = "llama3" if vocab > 100_000 else "llama2"
@@ -339,6 +381,8 @@ def config_from_metadata(path: str, meta: dict, tensor_shapes: dict,
             arch="llama",
             hidden_act="silu",
             attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **moe,
             sliding_window=int(get("attention.sliding_window")) if get("attention.sliding_window") else None,
             bos_token_id=int(tok("bos_token_id")) if tok("bos_token_id") is not None else 1,
             eos_token_ids=tuple(dict.fromkeys(eos)) or (2,),
@@ -382,11 +426,12 @@ def _dequant_rows(t, r0: int, r1: int) -> np.ndarray:
         return np.asarray(dequantize(data[r0:r1], t.tensor_type), dtype=np.float32)
 
 
-def _row_chunks(t) -> list:
+def _row_chunks(t, a: int, b: int) -> list:
+    """Rows [a, b) of tensor `t` in chunks of about _CHUNK_ELEMENTS output elements."""
     rows = int(np.prod(t.data.shape[:-1]))
     row_elems = max(1, int(t.n_elements) // max(rows, 1))
     step = max(1, _CHUNK_ELEMENTS // row_elems)
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    return [(r, min(r + step, b)) for r in range(a, b, step)]
 
 
 def load_gguf(path) -> tuple:
@@ -466,6 +511,22 @@ def _load(path: str, reader) -> tuple:
             "post_attn_norm": ("blk.{}.post_attention_norm.weight", (D,)),
             "post_mlp_norm": ("blk.{}.post_ffw_norm.weight", (D,)),
         }
+    if cfg.is_moe:  # models/transformer.py's moe_mlp layout; expert stacks are [E, out, in] in the file
+        E, Fe, Fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        del layer_spec["w_gate"], layer_spec["w_up"], layer_spec["w_down"]
+        layer_spec |= {
+            "router": ("blk.{}.ffn_gate_inp.weight", (E, D)),
+            "experts_gate": ("blk.{}.ffn_gate_exps.weight", (E, Fe, D)),
+            "experts_up": ("blk.{}.ffn_up_exps.weight", (E, Fe, D)),
+            "experts_down": ("blk.{}.ffn_down_exps.weight", (E, D, Fe)),
+        }
+        if Fs:
+            layer_spec |= {
+                "shared_w_gate": ("blk.{}.ffn_gate_shexp.weight", (Fs, D)),
+                "shared_w_up": ("blk.{}.ffn_up_shexp.weight", (Fs, D)),
+                "shared_w_down": ("blk.{}.ffn_down_shexp.weight", (D, Fs)),
+                "shared_expert_gate": ("blk.{}.ffn_gate_inp_shexp.weight", (1, D)),
+            }
 
     def tensor(name, shape):
         t = tensors.get(name)
@@ -486,17 +547,19 @@ def _load(path: str, reader) -> tuple:
             tensor(pattern.format(i), shape)
 
     params: dict = {"layers": {}}
-    # Work items: (tensor, first row, end row, output view, transpose?, heads to un-permute or None).
-    # GGUF rows are output features; each item writes its rows into a slice of a preallocated output.
+    # Work items: (tensor, first row, end row, output view, transpose?, heads to un-permute or None, row of the
+    # tensor that is row 0 of the output). GGUF rows are output features; each item writes its rows into a slice
+    # of a preallocated output.
     jobs: list = []
 
-    def add(t, out, transpose: bool, unpermute_heads: Optional[int] = None):
-        """Queue tensor `t` for `out` ([rows, in] as stored, or [in, rows] with `transpose`)."""
+    def add(t, out, transpose: bool, unpermute_heads: Optional[int] = None, rows: Optional[tuple] = None):
+        """Queue tensor `t` (or its rows [a, b)) for `out` ([rows, in] as stored, or [in, rows] with `transpose`)."""
         if unpermute_heads is not None:  # whole tensor at once: the permutation mixes rows within a head
-            jobs.append((t, 0, int(np.prod(t.data.shape[:-1])), out, transpose, unpermute_heads))
+            jobs.append((t, 0, int(np.prod(t.data.shape[:-1])), out, transpose, unpermute_heads, 0))
             return
-        for r0, r1 in _row_chunks(t):
-            jobs.append((t, r0, r1, out, transpose, None))
+        a, b = rows or (0, int(np.prod(t.data.shape[:-1])))
+        for r0, r1 in _row_chunks(t, a, b):
+            jobs.append((t, r0, r1, out, transpose, None, a))
 
     params["embed"] = np.empty((V, D), np.float32)
     add(tensor("token_embd.weight", (V, D)), params["embed"], transpose=False)
@@ -507,6 +570,13 @@ def _load(path: str, reader) -> tuple:
         add(tensor("output.weight", (V, D)), params["lm_head"], transpose=True)
 
     for key, (pattern, shape) in layer_spec.items():
+        if len(shape) == 3:  # an expert stack [E, out, in] -> [L, E, in, out], one expert's rows at a time
+            dest = params["layers"][key] = np.empty((L, shape[0], shape[2], shape[1]), np.float32)
+            for i in range(L):
+                t = tensor(pattern.format(i), shape)
+                for j in range(shape[0]):
+                    add(t, dest[i, j], transpose=True, rows=(j * shape[1], (j + 1) * shape[1]))
+            continue
         is_matrix = len(shape) == 2
         dest = params["layers"][key] = np.empty((L, shape[1], shape[0]) if is_matrix else (L, shape[0]), np.float32)
         heads = {"wq": cfg.num_heads, "wk": cfg.num_kv_heads, "bq": cfg.num_heads, "bk": cfg.num_kv_heads}.get(key)
@@ -516,16 +586,16 @@ def _load(path: str, reader) -> tuple:
                 unpermute_heads=heads if permute_qk else None)
 
     def run(job):
-        t, r0, r1, out, transpose, heads = job
+        t, r0, r1, out, transpose, heads, base = job
         x = _dequant_rows(t, r0, r1)
         if not np.isfinite(x).all():  # a flipped scale byte shows up as inf/nan
             raise CheckpointError(f"{path}: tensor {t.name} holds non-finite values (corrupt data)")
         if heads is not None:
             x = _unpermute_rows(x if transpose else x.reshape(-1), heads).reshape(x.shape)
         if transpose:
-            out[..., r0:r1] = x.T
+            out[..., r0 - base:r1 - base] = x.T
         else:
-            out[r0:r1] = x
+            out[r0 - base:r1 - base] = x
 
     # Biggest first (in bytes read), so the two threads finish together.
     jobs.sort(key=lambda j: -(j[2] - j[1]) * j[0].data.shape[-1])

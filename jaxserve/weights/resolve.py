@@ -205,9 +205,13 @@ def _resolve_gguf_file(path: str) -> ResolvedModel:
     from jaxserve.weights.gguf_loader import load_gguf
 
     t0 = time.perf_counter()
-    config, params, _ = load_gguf(path)
+    config, params, tok_meta = load_gguf(path)
     t1 = time.perf_counter()
-    tok = _gguf_tokenizer(path, _tok_ids(tokenizer_defaults(config)))
+    tok = None
+    if tok_meta.get("ggml.model", "none") == "none":  # llama.cpp's "no vocabulary": prompts must be token ids
+        log.warning("%s has no vocabulary (tokenizer.ggml.model none): only token-id prompts will work", path)
+    else:
+        tok = _gguf_tokenizer(path, _tok_ids(tokenizer_defaults(config)))
     timings = {"params": t1 - t0, "tokenizer": time.perf_counter() - t1}
     return ResolvedModel(config, params, tok, f"GGUF file {path}", timings)
 
