@@ -17,6 +17,12 @@ Writes bench_results/decode.json and prints a Markdown table. Decode tokens/s co
 alone (called in a loop on fixed inputs, nothing else: the floor) and `LLM.generate` end to end (wall clock
 from the last request's first token to the last token: scheduling, input building, the step, sampling
 bookkeeping, detokenization), so the engine loop's share of a decode step is measured, not guessed.
+
+`--llama-cpp DIR` (a llama.cpp build's bin directory with `llama-batched-bench`) runs llama.cpp on the same GGUF in
+the same run, after jaxserve's rounds (interleaved with them when `--rounds` > 1: one llama.cpp run per round,
+between jaxserve's): `llama-batched-bench -npp <prompt tokens> -ntg <new tokens> -npl <batches> -t <threads>`, its
+decode speed (S_TG: generated tokens of all sequences / decode time) beside `LLM.generate`'s end-to-end decode
+tok/s, and their ratio. Build it from the llama-cpp-python sdist's vendored tree (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -110,6 +116,20 @@ def generate_e2e(llm, batch: int, new_tokens: int) -> dict:
     return {"decode_tokens": n, "decode_seconds": last - first, "decode_tok_s": n / (last - first)}
 
 
+def llama_cpp_batched(bin_dir: str, gguf: str, prompt_tokens: int, new_tokens: int, batches: list,
+                      threads: int) -> dict:
+    """llama.cpp's `llama-batched-bench` on `gguf`: {batch: decode tok/s (S_TG)} plus its raw JSONL rows."""
+    exe = os.path.join(bin_dir, "llama-batched-bench")
+    ctx = max(batches) * (prompt_tokens + new_tokens) + 64
+    cmd = [exe, "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(prompt_tokens),
+           "-ntg", str(new_tokens), "-npl", ",".join(map(str, batches)), "-t", str(threads), "--output-format", "jsonl"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (r.stdout + "\n" + r.stderr).splitlines() if line.startswith('{"n_kv_max"')]
+    return {"command": " ".join(cmd), "decode_tok_s": {int(x["pl"]): x["speed_tg"] for x in rows}, "rows": rows}
+
+
 def startup_times(python: str = sys.executable) -> dict:
     """Time LLM('gemma3-270m') -> first token in fresh processes: cold (empty caches) then warm."""
     import tempfile
@@ -143,10 +163,14 @@ def main(argv=None) -> int:
                     help="weight / KV formats to measure side by side (default: fp32 int8 int4)")
     ap.add_argument("--e2e", action="store_true",
                     help="also the compiled decode step alone and LLM.generate end to end, per config and batch")
+    ap.add_argument("--llama-cpp", metavar="DIR",
+                    help="a llama.cpp bin directory with llama-batched-bench: llama.cpp on the same GGUF, same run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_results", "decode.json"))
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    args.e2e = args.e2e or bool(args.llama_cpp)  # llama.cpp is compared with LLM.generate end to end
 
     from jaxserve import LLM
 
@@ -171,8 +195,18 @@ def main(argv=None) -> int:
         run_steps(engines[config], 1, 4)  # warm caches and allocator
     samples = {(c, b): [] for c in args.configs for b in args.batches}
     e2e = {(c, b): [] for c in args.configs for b in args.batches}
-    ctx_mid = len(engines[args.configs[0]].tokenizer.encode(PROMPT)) + args.new_tokens // 2
+    prompt_tokens = len(engines[args.configs[0]].tokenizer.encode(PROMPT))
+    ctx_mid = prompt_tokens + args.new_tokens // 2
+    llama = []
+    if args.llama_cpp:
+        from jaxserve.weights.resolve import embedded_gguf_path
+
+        gguf_path = embedded_gguf_path()
     for rnd in range(args.rounds):
+        if args.llama_cpp:
+            llama.append(llama_cpp_batched(args.llama_cpp, gguf_path, prompt_tokens, args.new_tokens, args.batches,
+                                           args.threads))
+            print("llama.cpp:", json.dumps(llama[-1]["decode_tok_s"]), flush=True)
         order = args.configs[rnd % len(args.configs):] + args.configs[:rnd % len(args.configs)]
         for config in order:
             for b in args.batches:
@@ -208,6 +242,15 @@ def main(argv=None) -> int:
                     "e2e_note": "generate: tokens after each request's first / (last token - last first token)",
                 })
             print(json.dumps(result["rows"][-1]), flush=True)
+    if llama:
+        per_batch = {b: float(np.median([x["decode_tok_s"][b] for x in llama])) for b in args.batches}
+        result["llama_cpp"] = {"command": llama[0]["command"], "decode_tok_s": per_batch,
+                               "decode_tok_s_rounds": [x["decode_tok_s"] for x in llama],
+                               "rows": [x["rows"] for x in llama]}
+        for r in result["rows"]:
+            if r.get("generate_decode_tok_s") and r["batch"] in per_batch:
+                r["llama_cpp_decode_tok_s"] = per_batch[r["batch"]]
+                r["generate_vs_llama_cpp"] = r["generate_decode_tok_s"] / per_batch[r["batch"]]
     del engines, llm
     import gc
 
@@ -259,6 +302,14 @@ def main(argv=None) -> int:
             if "step_only_ms" in r:
                 print(f"| {r['config']} | {r['batch']} | {r['step_only_ms']:.1f} | {r['step_only_tok_s']:.1f} | "
                       f"{r['decode_tok_s']:.1f} | {r['generate_decode_tok_s']:.1f} | {r['generate_vs_step_only']:.2f} |")
+    if "llama_cpp" in result:
+        print(f"\nllama.cpp on the same GGUF, same run (median of {len(llama)}): {result['llama_cpp']['command']}")
+        print("| weights (jaxserve) | batch | LLM.generate decode tok/s | llama.cpp decode tok/s (S_TG) | jaxserve / llama.cpp |")
+        print("|---|---|---|---|---|")
+        for r in result["rows"]:
+            if "generate_vs_llama_cpp" in r:
+                print(f"| {r['config']} | {r['batch']} | {r['generate_decode_tok_s']:.1f} | "
+                      f"{r['llama_cpp_decode_tok_s']:.1f} | {r['generate_vs_llama_cpp']:.2f} |")
     if "startup" in result:
         s = result["startup"]
         print(f"\nStart-up to first token: cold {s['cold'].get('first_token_s', float('nan')):.1f} s, "

@@ -134,6 +134,21 @@ def test_hit_after_completed_identical_prompt():
     bm.check_invariants()
 
 
+def test_cached_prefix_pages_is_read_only():
+    """The router's lookup: leading cached pages of a prompt, without reviving or referencing any of them."""
+    bm = BlockManager(16, PS)
+    prompt = list(range(100, 113))  # 13 tokens: 3 full pages + 1
+    run_prompt(bm, 1, prompt)
+    bm.free(1)  # pages evictable, still cached
+    before = (bm.stats(), bm.num_free_pages(), list(bm._evictable))
+    assert bm.cached_prefix_pages(bm.hash_pages(prompt)) == 3
+    assert bm.cached_prefix_pages(bm.hash_pages(prompt[:8] + [0] * 4)) == 2  # diverges in the third page
+    assert bm.cached_prefix_pages(bm.hash_pages([7] + prompt[1:])) == 0
+    assert (bm.stats(), bm.num_free_pages(), list(bm._evictable)) == before  # nothing revived, LRU order kept
+    assert BlockManager(16, PS, enable_prefix_caching=False).cached_prefix_pages(bm.hash_pages(prompt)) == 0
+    bm.check_invariants()
+
+
 def test_cap_keeps_last_prompt_token_uncomputed():
     bm = BlockManager(16, PS)
     prompt = list(range(12))  # exactly 3 full pages

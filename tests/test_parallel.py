@@ -345,6 +345,92 @@ def test_data_parallel_router_spreads_requests_and_pools_metrics():
     assert m["ttft_s_p50"] is not None and 0.0 <= m["kv_usage"] <= 1.0
 
 
+def _two_replicas(**dp_kw):
+    """Two tiny single-device replicas sharing one set of compiled programs, behind a DataParallelEngine."""
+    from tests.conftest import TINY_KW, get_llm
+
+    from jaxserve.engine.engine import LLMEngine
+    from jaxserve.engine.runner import ModelRunner
+    from jaxserve.parallel.engine import DataParallelEngine
+
+    base = get_llm("tiny-llama", **TINY_KW)
+    r = base.engine.runner
+    engines = []
+    for _ in range(2):
+        rr = ModelRunner(base.model_config, base.engine_config, r.params, r.num_pages)
+        rr._programs = dict(r._programs)
+        engines.append(LLMEngine(base.model_config, base.engine_config, None, base.tokenizer, num_pages=r.num_pages,
+                                 runner=rr))
+    return base, engines, DataParallelEngine(engines, **dp_kw)
+
+
+def _drain(dp) -> dict:
+    done = {}
+    while dp.has_unfinished_requests():
+        for ro in dp.step():
+            if ro.finished:
+                done[ro.request_id] = ro.outputs[0].token_ids
+    return done
+
+
+def test_data_parallel_prefix_aware_routing_and_concurrent_steps():
+    """Requests sharing a prefix of full pages go to one replica (while its load is within route_slack of the least
+    loaded); a prefix already in a replica's cache draws later requests there; otherwise least loaded. Stepping
+    the replicas on threads gives the single engine's tokens, and every replica step lands in the timeline."""
+    from jaxserve import SamplingParams
+
+    base, engines, dp = _two_replicas(route_slack=2)
+    assert dp.concurrent
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    shared = list(range(10, 22))  # three full pages (page_size 4)
+    a = [shared + [30 + i] for i in range(3)]  # share the prefix
+    b = [[40 + i, 41, 42, 43, 44] for i in range(2)]  # a full page each, no common prefix
+    ids_a = [dp.add_request(p, sp) for p in a]
+    assert [dp._where[i] for i in ids_a] == [0, 0, 0]  # loads 1-0, 2-0: within the slack of 2
+    ids_b = [dp.add_request(p, sp) for p in b]
+    assert [dp._where[i] for i in ids_b] == [1, 1]  # no shared prefix: least loaded
+    over = dp.add_request(shared + [50], sp)  # loads 3 vs 2: within the slack
+    assert dp._where[over] == 0
+    more = [dp.add_request(shared + [51 + i], sp) for i in range(2)]  # loads 4 vs 2, then 5 vs 2
+    assert [dp._where[i] for i in more] == [0, 1]  # the first within the slack, the second not (5 - 2 > 2)
+    assert dp.routed_by_prefix == 4  # a[1], a[2], over, more[0] (a[0] had nothing to follow)
+    prompts = a + b + [shared + [50]] + [shared + [51 + i] for i in range(2)]
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, sp)]
+    done = _drain(dp)
+    assert [done[i] for i in ids_a + ids_b + [over] + more] == want
+    steps = {r for r, _, _ in dp.timeline}
+    assert steps == {0, 1} and all(t1 >= t0 for _, t0, t1 in dp.timeline)
+    # Now cached on replica 0 (and on replica 1 through `more[1]`): the routed-prefix memory is cleared, so
+    # only the caches draw the request; replica 0 holds all three pages.
+    dp._routed.clear()
+    assert engines[0].bm.cached_prefix_pages(engines[0].bm.hash_pages(shared)) == 3
+    again = dp.add_request(shared + [60], sp)
+    assert dp._where[again] == 0
+    _drain(dp)
+    assert dp.metrics()["routed_by_prefix"] == 5
+
+
+def test_data_parallel_step_error_waits_for_the_other_replicas():
+    """A replica whose step raises: the other replica's step still completes, then the error is raised."""
+    from jaxserve import SamplingParams
+
+    _, engines, dp = _two_replicas()
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    r0, r1 = dp.add_request([5, 6, 7], sp), dp.add_request([8, 9, 10], sp)
+    assert (dp._where[r0], dp._where[r1]) == (0, 1)
+
+    def boom():
+        raise RuntimeError("replica 0 failed")
+
+    engines[0].step = boom
+    with pytest.raises(RuntimeError, match="replica 0 failed"):
+        dp.step()
+    assert engines[1].stats.generation_tokens == 1  # its prefill step ran to the end
+    dp.abort_request(r0)
+    dp.abort_request(r1)
+    assert not dp.has_unfinished_requests()
+
+
 def test_default_mesh():
     from jaxserve.parallel.mesh import default_mesh_spec
 

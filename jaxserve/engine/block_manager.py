@@ -133,6 +133,17 @@ class BlockManager:
             out.append(h)
         return out
 
+    def cached_prefix_pages(self, page_hashes: Sequence[bytes]) -> int:
+        """How many of `page_hashes` (a prompt's chain hashes, `hash_pages`), from the first, are in the prefix
+        cache now. Read-only (for cache-aware routing): nothing is revived or referenced."""
+        n = 0
+        if self.enable_prefix_caching:
+            for h in page_hashes:
+                if h not in self._hash_to_page:
+                    break
+                n += 1
+        return n
+
     # ------------------------------------------------------------------ capacity queries
     def pages_for(self, num_tokens: int) -> int:
         """Pages needed to hold `num_tokens` tokens."""

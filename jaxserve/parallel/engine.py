@@ -147,14 +147,28 @@ def sum_stats(stats: list) -> EngineStats:
 
 
 class DataParallelEngine:
-    """Data-parallel replicas behind one front: a request goes to the replica with the fewest unfinished
-    requests (ties: the lowest index), keeps its request id, and is stepped there; `step()` steps every replica
-    that has work and returns all their outputs. Each replica has its own scheduler, pages and prefix cache.
+    """Data-parallel replicas behind one front. Each replica has its own scheduler, pages and prefix cache; a
+    request keeps its id and is stepped on the replica it was routed to.
 
-    The replicas are stepped one after the other from this thread; their programs run on disjoint devices.
+    Routing is prefix-cache aware: the prompt's first full pages (up to ROUTE_PAGES) are hashed as the block
+    manager hashes them; the replica whose prefix cache holds the longest run of them now, or to which the longest
+    run was routed before (requests sharing a prefix that arrive together, before any of it is computed), gets the
+    request if its load (unfinished requests) is within `route_slack` of the least loaded replica's; otherwise,
+    and for prompts shorter than a page, the least loaded replica does (ties: the lowest index).
+
+    `step()` steps every replica that has work at the same time, each on a worker thread of its own: their programs
+    run on disjoint devices, and XLA releases the GIL while a program runs and while the sampled ids are fetched,
+    so one replica's device time overlaps the others' (and their host work). `concurrent=False` steps them one
+    after another from the caller's thread (the benchmark's baseline). `timeline` keeps (replica, start, end) of
+    recent steps (time.perf_counter seconds) to show the overlap.
     """
 
-    def __init__(self, engines: list):
+    ROUTE_PAGES = 64
+
+    def __init__(self, engines: list, concurrent: bool = True, route_slack: Optional[int] = None):
+        from collections import OrderedDict
+        from concurrent.futures import ThreadPoolExecutor
+
         self.replicas = engines
         self.model_cfg = engines[0].model_cfg
         self.cfg = engines[0].cfg
@@ -164,6 +178,12 @@ class DataParallelEngine:
         self.runners = [e.runner for e in engines]
         self._where: dict = {}  # request id -> replica index
         self._ids = itertools.count()
+        self.concurrent = bool(concurrent)  # may be switched at any time between steps
+        self._pool = ThreadPoolExecutor(len(engines), thread_name_prefix="jaxserve-replica")
+        self.route_slack = max(1, self.cfg.max_num_seqs // 4) if route_slack is None else int(route_slack)
+        self._routed: "OrderedDict[bytes, int]" = OrderedDict()  # page hash -> replica it was routed to (LRU)
+        self.routed_by_prefix = 0  # requests sent to a replica for its (cached or routed) prefix
+        self.timeline: deque = deque(maxlen=4096)
 
     @property
     def stats(self) -> EngineStats:
@@ -177,16 +197,40 @@ class DataParallelEngine:
     def tokenize_prompt(self, prompt):
         return self.replicas[0].tokenize_prompt(prompt)
 
-    def route(self) -> int:
+    def route(self, prompt_ids=()) -> int:
+        """The replica for a prompt of token ids `prompt_ids` (see the class docstring)."""
         loads = [len(e.requests) for e in self.replicas]
-        return loads.index(min(loads))
+        least = loads.index(min(loads))
+        bm0 = self.replicas[0].bm  # every replica hashes alike (same page size and salt)
+        hashes = bm0.hash_pages(list(prompt_ids)[:self.ROUTE_PAGES * bm0.page_size])
+        if not hashes:
+            return least
+        best, best_n = least, 0
+        for i, e in enumerate(self.replicas):
+            n = e.bm.cached_prefix_pages(hashes)
+            if n > best_n:
+                best, best_n = i, n
+        n = 0
+        while n < len(hashes) and hashes[n] in self._routed:  # a hash chain: a routed page implies its prefix
+            n += 1
+        if n > best_n:
+            best, best_n = self._routed[hashes[n - 1]], n
+        chosen = best if best_n and loads[best] - loads[least] <= self.route_slack else least
+        self.routed_by_prefix += chosen == best and best_n > 0
+        for h in hashes:
+            self._routed[h] = chosen
+            self._routed.move_to_end(h)
+        while len(self._routed) > 1 << 16:
+            self._routed.popitem(last=False)
+        return chosen
 
     def add_request(self, prompt, params=None, request_id: Optional[str] = None, priority="interactive") -> str:
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._where:
             raise InvalidPromptError(f"request_id {request_id!r} is already in use")
-        i = self.route()
+        # Tokenized here to route (a bad prompt fails here, before routing); the replica tokenizes it again.
+        i = self.route(self.replicas[0].tokenize_prompt(prompt))
         rid = self.replicas[i].add_request(prompt, params, request_id=request_id, priority=priority)
         self._where[rid] = i
         return rid
@@ -198,11 +242,24 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.replicas)
 
+    def _timed_step(self, i: int) -> list:
+        t0 = time.perf_counter()
+        out = self.replicas[i].step()
+        self.timeline.append((i, t0, time.perf_counter()))
+        return out
+
     def step(self) -> list:
-        outs = []
-        for e in self.replicas:
-            if e.has_unfinished_requests():
-                outs.extend(e.step())
+        """One step of every replica with work (concurrently unless `concurrent=False`); their outputs, in replica
+        order. If a replica's step raises, the others' steps still finish first; then the first error is raised."""
+        busy = [i for i, e in enumerate(self.replicas) if e.has_unfinished_requests()]
+        if self.concurrent and len(busy) > 1:
+            from concurrent.futures import wait
+
+            futures = [self._pool.submit(self._timed_step, i) for i in busy]
+            wait(futures)
+            outs = [ro for f in futures for ro in f.result()]
+        else:
+            outs = [ro for i in busy for ro in self._timed_step(i)]
         for ro in outs:
             if ro.finished:
                 self._where.pop(ro.request_id, None)
@@ -224,5 +281,6 @@ class DataParallelEngine:
         out["prefix_hit_rate"] = sum(rates) / len(rates) if rates else None
         out.update(_percentiles("ttft_s", [x for e in self.replicas for x in e.stats.ttfts]))
         out.update(_percentiles("tpot_s", [x for e in self.replicas for x in e.stats.tpots]))
+        out["routed_by_prefix"] = self.routed_by_prefix
         out["replicas"] = per
         return out
