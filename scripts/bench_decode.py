@@ -106,14 +106,20 @@ def generate_e2e(llm, batch: int, new_tokens: int) -> dict:
     from jaxserve import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    st = llm.engine.stats
+    steps0, host0, dev0 = st.steps, st.host_seconds, st.device_seconds
     outs = llm.generate([PROMPT] * batch, sp, use_tqdm=False)
+    steps = st.steps - steps0
     first = max(o.metrics.arrival_time + o.metrics.ttft for o in outs)
     last = max(o.metrics.arrival_time + o.metrics.e2e for o in outs)
     # Every request's tokens but its first: exact when all first tokens come from the same prefill step
     # (batch <= max_prefill_seqs); with several prefill steps, a few decode tokens of the early requests fall
     # before `first` and the figure is slightly high (noted in the JSON).
     n = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
-    return {"decode_tokens": n, "decode_seconds": last - first, "decode_tok_s": n / (last - first)}
+    return {"decode_tokens": n, "decode_seconds": last - first, "decode_tok_s": n / (last - first),
+            # every step of the call (prefill included): host work vs waiting on the device (LLMEngine.step)
+            "host_ms_per_step": 1e3 * (st.host_seconds - host0) / steps,
+            "device_ms_per_step": 1e3 * (st.device_seconds - dev0) / steps}
 
 
 def llama_cpp_batched(bin_dir: str, gguf: str, prompt_tokens: int, new_tokens: int, batches: list,
@@ -237,6 +243,8 @@ def main(argv=None) -> int:
                 only = float(np.median([x["step_only_ms"] for x in ee]))
                 gen = float(np.median([x["decode_tok_s"] for x in ee]))
                 result["rows"][-1].update({
+                    "host_ms_per_step": float(np.median([x["host_ms_per_step"] for x in ee])),
+                    "device_ms_per_step": float(np.median([x["device_ms_per_step"] for x in ee])),
                     "step_only_ms": only, "step_only_tok_s": b / (only / 1e3), "generate_decode_tok_s": gen,
                     "generate_vs_step_only": gen / (b / (only / 1e3)), "e2e_rounds": ee,
                     "e2e_note": "generate: tokens after each request's first / (last token - last first token)",
@@ -296,12 +304,14 @@ def main(argv=None) -> int:
             print(f"| {r['engine']} | float32 | {r['batch']} | {r['decode_tok_s']:.1f} | | | | | |")
     if args.e2e:
         print("\nEnd to end (median over rounds): the compiled decode program alone vs LLM.generate")
-        print("| weights | batch | step alone ms | step alone tok/s | engine step tok/s | LLM.generate tok/s | generate / step alone |")
-        print("|---|---|---|---|---|---|---|")
+        print("| weights | batch | step alone ms | step alone tok/s | engine step tok/s | LLM.generate tok/s | "
+              "generate / step alone | generate: host / device ms per step |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in result["rows"]:
             if "step_only_ms" in r:
                 print(f"| {r['config']} | {r['batch']} | {r['step_only_ms']:.1f} | {r['step_only_tok_s']:.1f} | "
-                      f"{r['decode_tok_s']:.1f} | {r['generate_decode_tok_s']:.1f} | {r['generate_vs_step_only']:.2f} |")
+                      f"{r['decode_tok_s']:.1f} | {r['generate_decode_tok_s']:.1f} | {r['generate_vs_step_only']:.2f} | "
+                      f"{r['host_ms_per_step']:.2f} / {r['device_ms_per_step']:.1f} |")
     if "llama_cpp" in result:
         print(f"\nllama.cpp on the same GGUF, same run (median of {len(llama)}): {result['llama_cpp']['command']}")
         print("| weights (jaxserve) | batch | LLM.generate decode tok/s | llama.cpp decode tok/s (S_TG) | jaxserve / llama.cpp |")

@@ -110,3 +110,25 @@ def test_metrics_report_latency_percentiles(tiny_llama):
     assert m["num_running"] == 0 and m["kv_pages_used"] == 0
     assert 0 < m["ttft_s_p50"] <= m["ttft_s_p99"]
     assert 0 < m["tpot_s_p50"] <= m["tpot_s_p99"]
+
+
+def test_step_time_split_into_host_and_device(tiny_llama):
+    """Every step's wall time is split into the runner's device wait (dispatch -> sampled ids on the host) and the
+    rest; both are counted, per step, and add up to the time spent inside step()."""
+    import time
+
+    llm = tiny_llama
+    st, runner = llm.engine.stats, llm.engine.runner
+    steps0, host0, dev0, run_dev0 = st.steps, st.host_seconds, st.device_seconds, runner.device_seconds
+    t0 = time.perf_counter()
+    llm.generate(_mixed_prompts(llm.model_config.vocab_size, [5, 30], seed=10),
+                 SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    steps, host, dev = st.steps - steps0, st.host_seconds - host0, st.device_seconds - dev0
+    assert steps > 0 and host > 0 and dev > 0
+    assert dev == pytest.approx(runner.device_seconds - run_dev0)  # the runner's own count, nothing else
+    assert host + dev <= wall
+    m = llm.engine.metrics()
+    assert m["host_ms_per_step"] == pytest.approx(1e3 * st.host_seconds / st.steps)
+    assert m["device_ms_per_step"] == pytest.approx(1e3 * st.device_seconds / st.steps)
+    assert m["step_device_seconds"] == st.device_seconds

@@ -405,6 +405,7 @@ def test_concurrent_streams_with_disconnects(srv):
     m = _wait_idle(srv, before, aborted=N_LEAVE)
     assert m["jaxserve_time_to_first_token_seconds_count"] >= N_LOAD - N_LEAVE
     assert m["jaxserve_generation_tokens_total"] > 0 and m["jaxserve_kv_pages_total"] == 255
+    assert m["jaxserve_step_device_seconds_total"] > 0 and m["jaxserve_step_host_seconds_total"] > 0
     _assert_serving(srv)
 
 

@@ -45,6 +45,10 @@ class EngineStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     busy_seconds: float = 0.0
+    # Wall time of step() split in two: waiting on the device (the runner's dispatch -> sampled ids on the host)
+    # and everything else (scheduling, input building, bookkeeping, detokenization, outputs).
+    device_seconds: float = 0.0
+    host_seconds: float = 0.0
     kind_seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     kind_tokens: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})  # tokens computed
     # The most recent finished requests' latencies (bounded: a long-running server must not grow without end).
@@ -203,6 +207,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list:
         """Run one scheduled step; return RequestOutputs of requests that changed (finished ones last time)."""
+        start, device0 = time.perf_counter(), getattr(self.runner, "device_seconds", 0.0)
         out = self.scheduler.schedule()
         if out is None:
             return []
@@ -212,7 +217,11 @@ class LLMEngine:
         upd = self.scheduler.update(out, emitted, now, stop_check=self._detokenize)
         self._record(out, upd, now - t0)
         changed = dict.fromkeys(row.seq.request_id for row in out.rows)
-        return [self._request_output(self.requests[rid]) for rid in changed if rid in self.requests]
+        outputs = [self._request_output(self.requests[rid]) for rid in changed if rid in self.requests]
+        device = getattr(self.runner, "device_seconds", 0.0) - device0
+        self.stats.device_seconds += device
+        self.stats.host_seconds += time.perf_counter() - start - device
+        return outputs
 
     def _execute(self, out) -> list:
         """Per row, the SampledTokens the step emitted (decode steps go to the speculator when there is one)."""
@@ -363,6 +372,10 @@ class LLMEngine:
             "generation_tokens_per_s": self.stats.generation_tokens / self.stats.busy_seconds if self.stats.busy_seconds else 0.0,
             "requests_finished": self.stats.requests_finished,
             "requests_aborted": self.stats.requests_aborted,
+            "step_host_seconds": self.stats.host_seconds,
+            "step_device_seconds": self.stats.device_seconds,
+            "host_ms_per_step": 1e3 * self.stats.host_seconds / self.stats.steps if self.stats.steps else None,
+            "device_ms_per_step": 1e3 * self.stats.device_seconds / self.stats.steps if self.stats.steps else None,
             **_percentiles("ttft_s", self.stats.ttfts),
             **_percentiles("tpot_s", self.stats.tpots),
             **(self.speculator.metrics() if self.speculator is not None else {}),

@@ -267,6 +267,7 @@ class ModelRunner:
             self.invariance = choose_row_tiles(model_cfg, self.params, self.page_size, engine_cfg.attn_block_pages,
                                                rows)
         self._programs: dict = {}
+        self.device_seconds = 0.0  # summed over steps: dispatch to the sampled ids on the host (`_run`)
         self._samplers: dict = {}  # (logits shape, dtype) -> Future of the compiled sampler (_sampler_program)
         self._sampler_lock = threading.Lock()
         # Prompt logprobs: the prefill programs also return every position's hidden state (kept on device), and
@@ -480,11 +481,15 @@ class ModelRunner:
             raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(programs)}")
         placed = self.place_inputs((inputs, sampling))
         before = compile_count()
+        t0 = time.perf_counter()
         res, self.kv = prog(self.params, self.kv, *placed)
         hidden = None
         if not isinstance(res, SampleResult):  # a prefill_logits_step program: (SampleResult, hidden)
             res, hidden = res
         out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
+        # From the dispatch to the sampled ids on the host: the step's device time as the host sees it (with
+        # async dispatch the call returns at once and device_get waits for the programs).
+        self.device_seconds += time.perf_counter() - t0
         if prog.positions:  # a row per position: [R * Q, ...] -> [R, Q, ...]
             out = tuple(a.reshape(tuple(bucket) + a.shape[1:]) for a in out)
         scored = self._score_spans(hidden, spans) if spans else {}

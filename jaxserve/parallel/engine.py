@@ -272,9 +272,13 @@ class DataParallelEngine:
 
         per = [e.metrics() for e in self.replicas]
         out = {}
+        per_step = ("host_ms_per_step", "device_ms_per_step")
         for k, v in per[0].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):  # ratios and percentiles: replaced below
-                out[k] = sum(m[k] for m in per)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in per_step:  # ratios, percentiles:
+                out[k] = sum(m[k] for m in per)  # replaced below
+        st = self.stats
+        out["host_ms_per_step"] = 1e3 * st.host_seconds / st.steps if st.steps else None
+        out["device_ms_per_step"] = 1e3 * st.device_seconds / st.steps if st.steps else None
         total = sum(m["kv_pages_total"] for m in per)
         out["kv_usage"] = sum(m["kv_pages_used"] or 0 for m in per) / total if total else 0.0
         rates = [m["prefix_hit_rate"] for m in per if m.get("prefix_hit_rate") is not None]

@@ -58,6 +58,10 @@ class _EngineCollector:
             ("jaxserve_preemptions", "Sequences preempted (pages freed, recomputed later)", "num_preemptions"),
             ("jaxserve_requests_finished", "Requests finished (stop or length)", "requests_finished"),
             ("jaxserve_requests_aborted", "Requests aborted (client gone, shutdown)", "requests_aborted"),
+            ("jaxserve_step_host_seconds", "Engine step time outside the device wait (scheduling, inputs, "
+             "bookkeeping, detokenization)", "step_host_seconds"),
+            ("jaxserve_step_device_seconds", "Engine step time from the program's dispatch to its sampled ids on "
+             "the host", "step_device_seconds"),
         ]
         for name, doc, key in counters:
             yield CounterMetricFamily(name, doc, value=float(s.get(key) or 0.0))
