@@ -90,6 +90,22 @@ class ModelConfig:
         """Per-layer attention window in tokens (0 = unlimited)."""
         return [self.sliding_window if self.layer_is_sliding(i) else 0 for i in range(self.num_layers)]
 
+    def kv_layout(self, reclaim: bool = True) -> "KVLayout":
+        """How the layers share the paged KV cache (see KVLayout). `reclaim`: sliding-window layers get their own
+        page groups, whose pages are freed once they fall out of the window."""
+        kinds: dict = {}
+        for layer, w in enumerate(self.layer_windows()):
+            kinds.setdefault(w if reclaim else 0, []).append(layer)
+        width = min(len(v) for v in kinds.values())
+        group_windows, layer_group, layer_index = [], [0] * self.num_layers, [0] * self.num_layers
+        for w in sorted(kinds):  # full attention (0) first: group 0 holds every position when any layer does
+            layers = kinds[w]
+            for c in range(0, len(layers), width):
+                for j, layer in enumerate(layers[c:c + width]):
+                    layer_group[layer], layer_index[layer] = len(group_windows), j
+                group_windows.append(w)
+        return KVLayout(tuple(group_windows), tuple(layer_group), tuple(layer_index), width)
+
     def layer_rope_thetas(self) -> list:
         local = self.rope_local_theta if self.rope_local_theta is not None else self.rope_theta
         return [local if self.layer_is_sliding(i) else self.rope_theta for i in range(self.num_layers)]
@@ -476,6 +492,37 @@ def _pow2_ladder(lo: int, hi: int) -> list:
     return sorted(set(out))
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """Which pages hold which layer's KV (`ModelConfig.kv_layout`).
+
+    The cache is `width` rows of pages ([width, slots, Hkv, hd] for K and for V). Layers are split into page
+    groups of at most `width` layers of the same attention window; every group has its own block table per
+    sequence, and layer l reads and writes row `layer_index[l]` at the pages of group `layer_group[l]`'s table.
+    So a page holds `width` layers' KV and belongs to one group (the block manager's pool is shared).
+
+    One group (`width` = all layers) is the plain layout. With sliding-window layers (Gemma 2/3, Mistral) each
+    window gets its own groups, and a sliding group's pages that fall out of its window are freed
+    (BlockManager.trim_window): Gemma 3 270M (3 global, 15 local layers of window 512) is 6 groups of 3 rows; a
+    sequence holds its whole context in one group and at most ~512 tokens + one step's in each of the 5 others.
+    Full-attention groups come first: group 0 holds every position whenever any layer attends to all of them.
+    """
+
+    group_windows: tuple  # per group: 0 = full attention, else the sliding window in tokens
+    layer_group: tuple  # per layer
+    layer_index: tuple  # per layer: its row of the cache
+    width: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_windows)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether block tables are per group (anything but the plain one-group, full-attention layout)."""
+        return self.num_groups > 1 or self.group_windows[0] > 0
+
+
 @dataclass
 class EngineConfig:
     """Serving knobs. Lengths in tokens, memory in bytes.
@@ -514,6 +561,9 @@ class EngineConfig:
     batch_invariant: bool = False
     scheduler: str = "continuous"  # "continuous" | "static"
     enable_prefix_caching: bool = True
+    # Sliding-window layers keep only their window's pages (config.KVLayout; Gemma 2/3, Mistral). Off: every
+    # layer keeps the whole context (what pipeline stages, which split the cache by layer, use).
+    sliding_window_reclaim: bool = True
     max_logprobs: int = 20
     seed: int = 0
     compile_workers: int = 2

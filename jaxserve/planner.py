@@ -15,8 +15,11 @@ plus the int8 scales), the one formula of the code base: it is never re-derived 
 same formula applied to the model with that device's KV heads (`ceil(KV heads / num_devices)`: when there
 are more devices than KV heads, heads are replicated, so the per-device KV stops shrinking).
 
-Every layer keeps every token's K/V (the paged cache is `[L, pages x page_size, Hkv, hd]`, see
-docs/architecture.md), sliding-window layers included, so the formula is exact for this engine's cache.
+A full-attention layer keeps every token's K/V. Sliding-window layers (Gemma 2/3, Mistral) keep only their
+window: the engine's page groups (config.KVLayout) free their pages as they fall out of it, so a sequence's KV
+is `kv_sequence_bytes` (whole pages: every position in the full-attention groups, at most window + one step
+in each sliding group) rather than KV per token x context; `--no-reclaim` plans the engine with
+`sliding_window_reclaim=False`, where every layer keeps every token.
 
 Decode roofline: a decode step reads every weight once plus the KV of every sequence in the batch, so its
 lower bound is (weights / num_devices + batch x KV per sequence per device) / peak memory bandwidth, with each
@@ -250,6 +253,24 @@ def kv_bytes_per_token_per_device(model: ModelConfig, kv_dtype: str, num_devices
     return model.replace(num_kv_heads=heads).kv_bytes_per_token(kv_dtype)
 
 
+def kv_sequence_bytes(model: ModelConfig, kv_dtype: str, context: int, num_devices: int = 1, reclaim: bool = True,
+                      page_size: int = 16, step_tokens: int = 512) -> int:
+    """KV bytes (per device) one sequence of `context` tokens holds at most, as the engine's cache keeps it.
+
+    Without sliding-window layers (or `reclaim=False`): KV per token x context. With them: the page groups of
+    `model.kv_layout()` (cache rows of `width` layers), whole pages of `page_size` tokens; a full-attention
+    group holds every position, a sliding group of window W at most the pages spanning W - 1 tokens plus one
+    step of `step_tokens` (a prefill chunk: EngineConfig.max_num_batched_tokens), the same count as
+    BlockManager.max_pages."""
+    per_tok = kv_bytes_per_token_per_device(model, kv_dtype, num_devices)
+    layout = model.kv_layout(reclaim)
+    if not layout.grouped:
+        return int(per_tok * context)
+    n = -(-context // page_size)
+    pages = sum(n if w == 0 else min(n, -(-(w - 1 + step_tokens) // page_size) + 1) for w in layout.group_windows)
+    return int(per_tok * layout.width // model.num_layers * page_size * pages)
+
+
 # ---------------------------------------------------------------------------------------------------- plan
 
 
@@ -275,7 +296,7 @@ class Plan:
     weight_bytes_per_device: int
     kv_bytes_per_token: int  # ModelConfig.kv_bytes_per_token(kv_dtype)
     kv_bytes_per_token_per_device: int
-    kv_bytes_per_sequence: int  # kv_bytes_per_token x context
+    kv_bytes_per_sequence: int  # kv_sequence_bytes: KV per token x context, or less with sliding-window reclaim
     kv_bytes_per_sequence_per_device: int
     device_bytes: int
     reserve_fraction: float
@@ -297,6 +318,9 @@ class Plan:
     # Mixture of experts: parameters one token uses (num_experts_per_tok experts of each layer); = num_params for
     # a dense model. The batch-1 decode roofline reads only these weights (a token's experts, attention, head).
     num_active_params: Optional[int] = None
+    # Sliding-window models with reclaim: the KV per sequence (whole model) if every layer kept every token.
+    kv_bytes_per_sequence_no_reclaim: Optional[int] = None
+    sliding_window_reclaim: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -307,7 +331,8 @@ _MAX_DEVICES_SEARCH = 4096
 
 def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Optional[str] = None,
          context: Optional[int] = None, num_devices: int = 1, reserve_fraction: float = 0.1,
-         weight_bytes_override: Optional[int] = None, bandwidth_bytes_per_s: Optional[float] = None) -> Plan:
+         weight_bytes_override: Optional[int] = None, bandwidth_bytes_per_s: Optional[float] = None,
+         reclaim: bool = True, page_size: int = 16, step_tokens: int = 512) -> Plan:
     """Capacity of `model` on `num_devices` x `device`.
 
     dtype: weight dtype (float32, bfloat16, float16, int8, int4). kv_dtype: KV cache dtype (float32, bfloat16,
@@ -315,6 +340,8 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
     context: tokens per sequence (default the model's max_position_embeddings). reserve_fraction: share of each
     device's memory kept for activations and fragmentation. weight_bytes_override: total weight bytes to use
     instead of num_params x dtype (e.g. a checkpoint's size). bandwidth_bytes_per_s: overrides the device's.
+    reclaim, page_size, step_tokens: the engine's sliding_window_reclaim, page_size and max_num_batched_tokens
+    (`kv_sequence_bytes`).
     """
     dev = get_device(device, bandwidth_bytes_per_s)
     dtype = normalize_dtype(dtype)
@@ -341,12 +368,13 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
 
     def shares(n: int):
         w = -(-w_total // n)  # ceil, in integers
-        kv_seq = kv_bytes_per_token_per_device(model, kv_dtype, n) * context
+        kv_seq = kv_sequence_bytes(model, kv_dtype, context, n, reclaim, page_size, step_tokens)
         return w, kv_seq
 
     w_dev = -(-w_total // num_devices)
     kv_tok_dev = int(kv_bytes_per_token_per_device(model, kv_dtype, num_devices))
-    kv_seq_dev = kv_tok_dev * context
+    kv_seq_dev = kv_sequence_bytes(model, kv_dtype, context, num_devices, reclaim, page_size, step_tokens)
+    kv_seq = kv_sequence_bytes(model, kv_dtype, context, 1, reclaim, page_size, step_tokens)
     budget = max(0, usable - w_dev)
     max_seqs = budget // kv_seq_dev
     max_tokens = budget // kv_tok_dev
@@ -370,7 +398,7 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
                  f"{reserve_fraction:.0%} reserve)")
     if min_all is not None and min_all != num_devices and not fits:
         then = plan(model, dev.key, dtype, kv_dtype, context, min_all, reserve_fraction, weight_bytes_override,
-                    bandwidth_bytes_per_s)
+                    bandwidth_bytes_per_s, reclaim, page_size, step_tokens)
         k = then.max_concurrent_sequences
         with_min = (f" With --num-devices {min_all}: {k:,} concurrent {context:,}-token "
                     f"sequence{'' if k == 1 else 's'}.")
@@ -396,7 +424,7 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
         model=model.name, device=dev.key, device_name=dev.name, num_devices=num_devices, dtype=dtype,
         kv_dtype=kv_dtype, context=context, num_params=model.num_params(), weight_bytes=w_total,
         weight_bytes_per_device=w_dev, kv_bytes_per_token=kv_tok, kv_bytes_per_token_per_device=kv_tok_dev,
-        kv_bytes_per_sequence=kv_tok * context, kv_bytes_per_sequence_per_device=kv_seq_dev,
+        kv_bytes_per_sequence=kv_seq, kv_bytes_per_sequence_per_device=kv_seq_dev,
         device_bytes=dev.memory_bytes, reserve_fraction=reserve_fraction, reserve_bytes=reserve,
         kv_budget_bytes=budget, max_concurrent_sequences=max_seqs, max_tokens_in_cache=max_tokens,
         bandwidth_bytes_per_s=bw, decode_roofline_step_seconds_batch1=step1,
@@ -405,6 +433,8 @@ def plan(model: ModelConfig, device: str, dtype: str = "bfloat16", kv_dtype: Opt
         message="\n".join(notes),
         kv_bytes_per_token_bf16=int(model.kv_bytes_per_token("bfloat16")) if kv_dtype == "int8" else None,
         num_active_params=active,
+        kv_bytes_per_sequence_no_reclaim=kv_tok * context if kv_seq != kv_tok * context else None,
+        sliding_window_reclaim=reclaim,
     )
 
 
@@ -419,9 +449,12 @@ CPU_DEFAULT_KV_BUDGET_BYTES = 2 * GiB
 def kv_pages_for_budget(model: ModelConfig, engine_cfg, budget_bytes: int) -> int:
     """Total KV pages (null page 0 included) whose cache fits in `budget_bytes`; at least 2 (one usable).
 
-    A page holds `page_size` tokens of `ModelConfig.kv_bytes_per_token(engine_cfg.kv_cache_dtype)` each.
+    A page holds `page_size` tokens of `ModelConfig.kv_bytes_per_token(engine_cfg.kv_cache_dtype)` each, of the
+    KV layout's `width` layers (config.KVLayout: all of them, or one page group's with sliding-window reclaim).
     """
-    per_page = int(model.kv_bytes_per_token(engine_cfg.kv_cache_dtype)) * engine_cfg.page_size
+    layout = model.kv_layout(engine_cfg.sliding_window_reclaim)
+    per_page = int(model.kv_bytes_per_token(engine_cfg.kv_cache_dtype)) * layout.width // model.num_layers
+    per_page *= engine_cfg.page_size
     return max(2, int(budget_bytes) // per_page)
 
 
@@ -448,7 +481,8 @@ def default_kv_budget_bytes(model: ModelConfig, engine_cfg, device="auto", num_d
         wdtype = "int8" if engine_cfg.quantization == "int8" else "int4"
     on_host = get_device(device).key == "cpu"
     p = plan(model, device, dtype=wdtype, kv_dtype=engine_cfg.kv_cache_dtype, context=engine_cfg.model_len(model),
-             num_devices=1 if on_host else num_devices)
+             num_devices=1 if on_host else num_devices, reclaim=engine_cfg.sliding_window_reclaim,
+             page_size=engine_cfg.page_size, step_tokens=engine_cfg.max_num_batched_tokens)
     # a group's cache in whole-model token bytes (each device holds its share of every token)
     budget = p.kv_budget_bytes if p.num_devices == 1 else p.max_tokens_in_cache * p.kv_bytes_per_token
     if on_host:
@@ -497,7 +531,8 @@ def engine_defaults(model: ModelConfig, engine_cfg, jax_device=None, num_devices
     if "max_num_seqs" not in given:
         cfg = dataclasses.replace(engine_cfg, **out)
         budget = kv_budget_bytes(model, cfg, device_of(jax_device), num_devices)
-        per_seq = int(model.kv_bytes_per_token(cfg.kv_cache_dtype)) * cfg.model_len(model)
+        per_seq = kv_sequence_bytes(model, cfg.kv_cache_dtype, cfg.model_len(model), 1, cfg.sliding_window_reclaim,
+                                    cfg.page_size, cfg.max_num_batched_tokens)
         fit = max(1, min(ACCELERATOR_MAX_NUM_SEQS, budget // per_seq))
         out["max_num_seqs"] = 1 << (int(fit).bit_length() - 1)
     return out
@@ -547,7 +582,9 @@ def format_plan(p: Plan) -> str:
         rows.append(("KV per token per device",
                      f"{fmt_bytes(p.kv_bytes_per_token_per_device)} ({p.kv_bytes_per_token_per_device:,} B)"))
     rows += [
-        (f"KV per sequence ({p.context:,} tokens){per_dev}", fmt_bytes(p.kv_bytes_per_sequence_per_device)),
+        (f"KV per sequence ({p.context:,} tokens){per_dev}", fmt_bytes(p.kv_bytes_per_sequence_per_device)
+         + (f" (sliding-window pages reclaimed; {fmt_bytes(p.kv_bytes_per_sequence_no_reclaim)} whole model without)"
+            if p.kv_bytes_per_sequence_no_reclaim else "")),
         (f"reserve ({p.reserve_fraction:.0%}){per_dev}", fmt_bytes(p.reserve_bytes)),
         (f"KV budget{per_dev}", fmt_bytes(p.kv_budget_bytes)),
         ("max concurrent sequences", f"{p.max_concurrent_sequences:,}"),
@@ -582,6 +619,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth-gbps", type=float, default=None,
                         help="memory bandwidth in GB/s (overrides the device's; cpu default "
                              f"{CPU_BANDWIDTH_BYTES_PER_S / 1e9:g})")
+    parser.add_argument("--no-reclaim", action="store_true",
+                        help="sliding-window layers keep every token (EngineConfig(sliding_window_reclaim=False))")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -596,7 +635,8 @@ def run_plan(args) -> int:
                  num_devices=args.num_devices, reserve_fraction=args.reserve,
                  weight_bytes_override=getattr(args, "weight_bytes", None),
                  bandwidth_bytes_per_s=(None if getattr(args, "bandwidth_gbps", None) is None
-                                        else args.bandwidth_gbps * 1e9))
+                                        else args.bandwidth_gbps * 1e9),
+                 reclaim=not getattr(args, "no_reclaim", False))
     except (JaxserveError, OSError, ValueError, KeyError, TypeError) as e:
         # KeyError/TypeError: a config.json missing fields; ValueError covers malformed JSON.
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)

@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     args.e2e = args.e2e or bool(args.llama_cpp)  # llama.cpp is compared with LLM.generate end to end
 
     from jaxserve import LLM
+    from jaxserve.config import get_preset
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from device_check import time_compiled_step  # the compiled decode program alone, on fixed inputs
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
     # config order rotated per round. A machine may have slow phases (a step several times slower for seconds to
     # minutes, same process and executable), so configs timed one block after the other can land in different phases;
     # interleaved rounds and the median over rounds keep the side-by-side comparison fair.
-    per_seq_pages = -(-(128 + args.new_tokens) // 16) + 1
+    # (pages of each of the KV layout's page groups: sliding-window reclaim gives Gemma 3 six, of 3 layers each)
+    per_seq_pages = (-(-(128 + args.new_tokens) // 16) + 1) * get_preset("gemma3-270m").kv_layout().num_groups
     engines = {}
     for config in args.configs:
         t0 = time.monotonic()

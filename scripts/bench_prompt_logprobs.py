@@ -31,8 +31,7 @@ for bucket in [(1, 256), (2, 128)]:
     A = r.compile(r.logits_step, [bucket])
     B = r.programs
     rng = np.random.default_rng(0)
-    entries = [([int(x) for x in rng.integers(3, 5000, Q)], 0, list(range(1 + i * 100, 1 + i * 100 + 64)))
-               for i in range(R)]
+    entries = [([int(x) for x in rng.integers(3, 5000, Q)], 0, t) for t in r.synthetic_tables(R, Q, start=0)]
     inp = r.step_inputs(R, Q, entries)
     st = r.sampling_inputs([SamplingRow(SamplingParams(temperature=0), [], Q, 0, 0, [])] * R, R)
     spans = {0: (0, Q - 1, 0, entries[0][0][1:])}

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
               **CONFIGS[args.config])
     r = llm.engine.runner
     bucket = min(b for b, q in r.buckets() if q == 1 and b >= B)
-    inp = r.step_inputs(bucket, 1, [([5], 300, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(B)])
+    inp = r.step_inputs(bucket, 1, [([5], 300, t) for t in r.synthetic_tables(B, 301)])
     st = build_sampling_arrays([SamplingParams(temperature=0.0)] * bucket, [[]] * bucket, [0] * bucket, [0] * bucket,
                                [0] * bucket, [[]] * bucket, bucket, r.H, r.NB)
     prog = r.programs[(bucket, 1)]

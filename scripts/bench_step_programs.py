@@ -65,7 +65,7 @@ def main() -> int:
     sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
     for R in r.cfg.decode_buckets():
         bucket = (R, 1)
-        tables = [list(range(1 + i * 8, 1 + (i + 1) * 8)) for i in range(R)]
+        tables = r.synthetic_tables(R, 21)
         inp = r.step_inputs(R, 1, [([int(rng.integers(3, 5000))], 20, t) for t in tables])
         for mode, sp in (("greedy", SamplingParams(temperature=0.0)), ("sampled", sampled)):
             st = r.sampling_inputs([SamplingRow(sp, [], 0, 0, i, []) for i in range(R)], R)

@@ -404,7 +404,8 @@ def build_llm(name, cfg, sizes, max_num_seqs, **kw):
     """LLM on device-drawn random weights, bf16, with a KV budget sized to this check (not the device)."""
     from jaxserve import LLM
 
-    pages = max_num_seqs * math.ceil(sizes.max_model_len / sizes.page_size) + 1
+    groups = cfg.kv_layout().num_groups  # a sequence's pages in each page group (sliding-window reclaim)
+    pages = max_num_seqs * math.ceil(sizes.max_model_len / sizes.page_size) * groups + 1
     return LLM(name, random_weights="device", dtype="bfloat16", kv_cache_dtype="bfloat16",
                page_size=sizes.page_size, max_model_len=sizes.max_model_len, max_num_seqs=max_num_seqs,
                num_pages=pages, max_num_batched_tokens=sizes.max_num_batched_tokens,
@@ -581,8 +582,7 @@ def time_compiled_step(llm, batch, context, repeats):
 
     runner = llm.engine.runner
     bucket = min(b for b, q in runner.buckets() if q == 1 and b >= batch)
-    per_seq = math.ceil(context / runner.page_size)
-    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+    tables = runner.synthetic_tables(batch, context)  # (sliding groups: their window's pages, as when serving)
     inp = runner.step_inputs(bucket, 1, [([5], context - 1, t) for t in tables])
     st = runner.sampling_inputs([SamplingRow(SamplingParams(temperature=0.0), [], 0, 0, None, [])] * batch, bucket)
     prog = runner.programs[(bucket, 1)]          # the engine's own executable for this bucket

@@ -92,7 +92,8 @@ def test_strict_tiles_keep_outputs_identical_under_preemption(llm_factory, workl
     monkeypatch.setattr(invariance, "choose_row_tiles", lambda *a, **k: STRICT_TILES)
     kw = dict(KW, max_num_seqs=8)
     roomy = LLM("tiny-gemma3", random_weights=True, num_pages=1024, **kw)
-    tight = LLM("tiny-gemma3", random_weights=True, num_pages=48, enable_prefix_caching=False, **kw)
+    # (80 pages of 2 of tiny-gemma3's 4 layers: its sliding-window page groups, config.KVLayout)
+    tight = LLM("tiny-gemma3", random_weights=True, num_pages=80, enable_prefix_caching=False, **kw)
     assert roomy.engine.runner.invariance == STRICT_TILES
     ref = _tokens(roomy, prompts, sps)
     got = _tokens(tight, prompts, sps)

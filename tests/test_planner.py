@@ -16,7 +16,7 @@ from jaxserve.errors import InvalidConfigError
 from jaxserve import planner
 from jaxserve.planner import (
     CPU_DEFAULT_KV_BUDGET_BYTES, DEVICES, GB, GiB, Device, default_kv_budget_bytes, device_key_from_kind,
-    format_plan, get_device, kv_pages_for_budget, main, plan, weight_bytes,
+    format_plan, get_device, kv_pages_for_budget, kv_sequence_bytes, main, plan, weight_bytes,
 )
 
 USABLE_80GIB = 80 * GiB - 8 * GiB  # 85,899,345,920 - 8,589,934,592 = 77,309,411,328 B
@@ -297,11 +297,34 @@ def test_no_jax_import():
 
 def test_kv_pages_for_budget():
     g = get_preset("gemma3-270m")
-    ecfg = EngineConfig(page_size=16, kv_cache_dtype="float32")
+    ecfg = EngineConfig(page_size=16, kv_cache_dtype="float32", sliding_window_reclaim=False)
     # one page = 16 tokens x 36,864 B = 589,824 B; 2 GiB / 589,824 = 3,640.9 -> 3,640 pages (null page included)
     assert kv_pages_for_budget(g, ecfg, 2 * GiB) == 3_640
-    assert kv_pages_for_budget(g, EngineConfig(page_size=16, kv_cache_dtype="bfloat16"), 2 * GiB) == 7_281
+    assert kv_pages_for_budget(g, EngineConfig(page_size=16, kv_cache_dtype="bfloat16",
+                                               sliding_window_reclaim=False), 2 * GiB) == 7_281
     assert kv_pages_for_budget(g, ecfg, 0) == 2  # floor: the null page + one usable page
+    # Page groups (sliding-window reclaim, the default): a page holds 3 of the 18 layers (KVLayout.width):
+    # 16 x 36,864 x 3 / 18 = 98,304 B; 2 GiB / 98,304 = 21,845.3
+    assert kv_pages_for_budget(g, EngineConfig(page_size=16, kv_cache_dtype="float32"), 2 * GiB) == 21_845
+
+
+def test_sliding_window_reclaim_plan():
+    """Gemma 3 270M's KV per sequence with its 15 local layers' pages freed out of their 512-token window:
+    3 rows x 2 KiB (float32 K + V of one layer) per token and row = 6 KiB per token and page slot;
+    8,192 tokens: 512 pages of the global group + 5 x min(512, ceil((511 + 512) / 16) + 1 = 65) = 837 pages."""
+    g = get_preset("gemma3-270m")
+    full = 36_864 * 8_192
+    assert kv_sequence_bytes(g, "float32", 8_192, reclaim=False) == full
+    assert kv_sequence_bytes(g, "float32", 8_192) == 6_144 * 16 * (512 + 5 * 65) == 82_280_448
+    assert kv_sequence_bytes(g, "float32", 32_768) == 6_144 * 16 * (2_048 + 5 * 65)
+    p = plan(g, "cpu", dtype="float32", context=8_192)
+    q = plan(g, "cpu", dtype="float32", context=8_192, reclaim=False)
+    assert p.kv_bytes_per_sequence == 82_280_448 and p.kv_bytes_per_sequence_no_reclaim == full
+    assert q.kv_bytes_per_sequence == full and q.kv_bytes_per_sequence_no_reclaim is None
+    assert p.max_concurrent_sequences == p.kv_budget_bytes // 82_280_448 > 3 * q.max_concurrent_sequences
+    # no sliding layers: nothing changes
+    llama = get_preset("tiny-llama")
+    assert kv_sequence_bytes(llama, "float32", 100) == llama.kv_bytes_per_token("float32") * 100
 
 
 def test_default_kv_budget_cpu(monkeypatch):
@@ -314,7 +337,8 @@ def test_default_kv_budget_cpu(monkeypatch):
     # 2 GiB host: 2,147,483,648 - 214,748,364 - 1,072,392,704 = 860,342,580 (under the cap)
     monkeypatch.setitem(DEVICES, "cpu", Device("cpu", "test host", 2 * GiB, 26e9))
     assert default_kv_budget_bytes(g, ecfg) == 860_342_580
-    assert kv_pages_for_budget(g, ecfg, 860_342_580) == 860_342_580 // (16 * 36_864) == 1_458
+    full = EngineConfig(sliding_window_reclaim=False)  # every layer keeps every token: 18 layers per page
+    assert kv_pages_for_budget(g, full, 860_342_580) == 860_342_580 // (16 * 36_864) == 1_458
 
 
 def test_num_kv_pages():
@@ -322,7 +346,7 @@ def test_num_kv_pages():
     data-parallel replicas, or the default budget) in pages."""
     g = get_preset("gemma3-270m")
     assert planner.num_kv_pages(g, EngineConfig(page_size=16, num_pages=7, kv_cache_bytes=2 * GiB)) == 7
-    ecfg = EngineConfig(page_size=16, kv_cache_dtype="float32", kv_cache_bytes=2 * GiB)
+    ecfg = EngineConfig(page_size=16, kv_cache_dtype="float32", kv_cache_bytes=2 * GiB, sliding_window_reclaim=False)
     assert planner.num_kv_pages(g, ecfg) == 3_640
     assert planner.num_kv_pages(g, ecfg, replicas=2) == kv_pages_for_budget(g, ecfg, GiB) == 1_820
     ecfg = EngineConfig(dtype="bfloat16", kv_cache_dtype="bfloat16", page_size=16)
@@ -388,11 +412,14 @@ def test_engine_defaults_on_faked_80gb_gpu_and_v5e():
     budget = planner.default_kv_budget_bytes(g, EngineConfig(dtype="bfloat16", kv_cache_dtype="bfloat16"), H100)
     assert budget == 64_424_509_440 - 6_442_450_944 - w_bf16 == 57_445_862_144
     assert budget // kv_tok == 3_116_637
-    assert kv_pages_for_budget(g, EngineConfig(kv_cache_dtype="bfloat16"), budget) == 3_116_637 // 16
+    full = dict(sliding_window_reclaim=False)  # every layer keeps every token
+    assert kv_pages_for_budget(g, EngineConfig(kv_cache_dtype="bfloat16", **full), budget) == 3_116_637 // 16
     assert d["max_num_seqs"] == 256  # 380 full 8,192-token sequences fit; capped at 256
     # v5e (16 GiB from the table): 14,925,685,914 B = 809,770 tokens = 98 full sequences -> 64 (power of two)
-    v = planner.engine_defaults(g, ecfg, V5E)
+    v = planner.engine_defaults(g, EngineConfig(**full), V5E)
     assert (v["dtype"], v["kv_cache_dtype"], v["max_num_seqs"]) == ("bfloat16", "bfloat16", 64)
+    # sliding-window reclaim: a sequence holds 512 + 5 x 65 pages of 3 layers (41,140,224 B): 362 fit -> 256
+    assert planner.engine_defaults(g, ecfg, V5E)["max_num_seqs"] == 256
     # what the user set stays; CPU changes nothing
     kept = planner.engine_defaults(g, ecfg, H100, given={"dtype", "max_num_seqs"})
     assert kept == {"kv_cache_dtype": "bfloat16"}

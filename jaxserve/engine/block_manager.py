@@ -33,6 +33,13 @@ Typical engine flow for one sequence::
 Every per-call cost is O(pages touched by the call) (plus hashing those pages' tokens); nothing scans the
 whole pool except `check_invariants()` (debug/tests) and `reset_prefix_cache()` (O(cached pages)).
 
+**Page groups** (`group_windows`, config.KVLayout): with sliding-window layers a sequence has one block table
+per group, all drawing pages from the one pool. A full-attention group (window 0) holds a page for every
+position; a sliding group's table holds NULL_PAGE where a page fell out of its window: `trim_window` releases
+those after each step (the sliding layers' KV no longer needed), `ensure_capacity` only appends. Each group's
+pages are cached under its own key (the chain hash + the group), and a prefix hit is only as long as every
+sliding group still has the pages its window needs at the hit's end. `block_table` is group 0's table.
+
 `free()` of a sequence id without a block table is a **no-op returning False**: the scheduler frees
 sequences from its waiting queue (abort, never admitted) without tracking whether they hold pages, and a
 freed-then-freed-again sequence must not release its (possibly re-allocated, shared) pages twice.
@@ -63,14 +70,18 @@ class BlockManagerError(JaxserveError, RuntimeError):
 class _SeqState:
     """Per-sequence bookkeeping: its block table and where its prefix-cache hash chain stands."""
 
-    __slots__ = ("pages", "num_hashed", "last_hash", "root", "cacheable")
+    __slots__ = ("tables", "num_hashed", "last_hash", "root", "cacheable")
 
-    def __init__(self, root: bytes):
-        self.pages: List[int] = []
+    def __init__(self, root: bytes, num_groups: int):
+        self.tables: List[List[int]] = [[] for _ in range(num_groups)]  # per page group; NULL_PAGE: trimmed
         self.cacheable = True  # False once its KV predates a reset_prefix_cache()
         self.num_hashed = 0  # leading full pages whose chain hash is known (hit or committed)
         self.root = root  # h_{-1}: salt of this sequence
         self.last_hash = root  # h_{num_hashed - 1}
+
+    @property
+    def pages(self) -> List[int]:
+        return self.tables[0]
 
 
 class BlockManager:
@@ -82,10 +93,11 @@ class BlockManager:
         enable_prefix_caching: when False, `allocate_prompt` never hits and `commit_computed` is a no-op.
         cache_salt: bytes mixed into every page hash: put everything that changes the KV for the same tokens
             (model id, KV dtype, quantization config, ...) here so caches never alias across configurations.
+        group_windows: the page groups' attention windows (0 = full attention), `KVLayout.group_windows`.
     """
 
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 cache_salt: bytes = b""):
+                 cache_salt: bytes = b"", group_windows: Sequence[int] = (0,)):
         if int(num_pages) < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the reserved null page), got {num_pages}")
         if int(page_size) < 1:
@@ -96,6 +108,10 @@ class BlockManager:
         self.page_size = int(page_size)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.cache_salt = bytes(cache_salt)
+        self.group_windows = tuple(int(w) for w in group_windows)
+        if not self.group_windows or any(w < 0 for w in self.group_windows) or len(self.group_windows) > 255:
+            raise ValueError(f"group_windows must be 1..255 windows >= 0, got {group_windows!r}")
+        self.num_groups = len(self.group_windows)
         self._pack = struct.Struct(f"<{self.page_size}q").pack
 
         self._ref: List[int] = [0] * self.num_pages
@@ -133,6 +149,11 @@ class BlockManager:
             out.append(h)
         return out
 
+    @staticmethod
+    def _key(h: bytes, group: int) -> bytes:
+        """The prefix-cache key of a page of `group` whose chain hash is h (group 0: h itself)."""
+        return h if group == 0 else h + bytes((group,))
+
     def cached_prefix_pages(self, page_hashes: Sequence[bytes]) -> int:
         """How many of `page_hashes` (a prompt's chain hashes, `hash_pages`), from the first, are in the prefix
         cache now. Read-only (for cache-aware routing): nothing is revived or referenced."""
@@ -159,7 +180,18 @@ class BlockManager:
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether `num_tokens` tokens fit in new pages right now (ignoring any prefix-cache hits)."""
-        return self.pages_for(num_tokens) <= self.num_free_pages()
+        return self.pages_for(num_tokens) * self.num_groups <= self.num_free_pages()
+
+    def max_pages(self, num_tokens: int, step_tokens: int) -> int:
+        """The most pages one sequence of `num_tokens` tokens ever holds, with at most `step_tokens` tokens per
+        step: every position in a full-attention group; in a sliding group of window W, the pages spanning
+        the window before a step's first token and the step's tokens."""
+        n = self.pages_for(num_tokens)
+        return sum(n if w == 0 else min(n, self.pages_for(w - 1 + step_tokens) + 1) for w in self.group_windows)
+
+    def pages_held(self, seq_id: int) -> List[int]:
+        """Pages the sequence holds in each group (trimmed entries not counted)."""
+        return [sum(1 for p in t if p != NULL_PAGE) for t in self._get(seq_id).tables]
 
     def has_seq(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -174,8 +206,12 @@ class BlockManager:
         return self._page_hash[page] is not None
 
     def block_table(self, seq_id: int) -> List[int]:
-        """A copy of the sequence's pages, in token order (no null-page padding)."""
+        """A copy of the sequence's pages (group 0's), in token order (no null-page padding)."""
         return list(self._get(seq_id).pages)
+
+    def group_tables(self, seq_id: int) -> tuple:
+        """Copies of the sequence's block tables, one per group (NULL_PAGE where a sliding group trimmed)."""
+        return tuple(list(t) for t in self._get(seq_id).tables)
 
     def _get(self, seq_id: int) -> _SeqState:
         st = self._seqs.get(seq_id)
@@ -199,6 +235,8 @@ class BlockManager:
         return page
 
     def _release(self, page: int) -> None:
+        if page == NULL_PAGE:  # a sliding group's trimmed entry
+            return
         ref = self._ref[page] - 1
         if ref < 0:
             raise BlockManagerError(f"page {page} released more often than it was taken (refcount {ref})")
@@ -228,43 +266,81 @@ class BlockManager:
         n = len(token_ids)
         if n == 0:
             raise ValueError(f"sequence {seq_id}: cannot allocate an empty prompt")
-        st = _SeqState(self._root(bytes(extra_key)))
+        st = _SeqState(self._root(bytes(extra_key)), self.num_groups)
         self._seqs[seq_id] = st
         if not (self.enable_prefix_caching and lookup):
             return 0
         ps = self.page_size
-        h = st.root
+        h, hashes = st.root, []
         for i in range((n - 1) // ps):
             h = self._chain(h, token_ids[i * ps:(i + 1) * ps])
-            page = self._hash_to_page.get(h)
-            if page is None:
+            if h not in self._hash_to_page:
                 break
-            ref = self._ref[page]
-            if ref == 0:
-                del self._evictable[page]  # revive
-                self._num_used += 1
-            self._ref[page] = ref + 1
-            st.pages.append(page)
-            st.last_hash = h
-        st.num_hashed = len(st.pages)
-        cached = st.num_hashed * ps
+            hashes.append(h)
+        k = len(hashes)
+        # Every group needs its pages at the hit's end: all of them (full attention), or those its window sees
+        # from the first computed token on (sliding: earlier entries stay NULL_PAGE). Shorter hits need earlier
+        # pages, which may still be cached.
+        while k and not all(self._key(hashes[i], g) in self._hash_to_page
+                            for g, w in enumerate(self.group_windows) if g
+                            for i in range(self._window_start(k * ps, w), k)):
+            k -= 1
+        for g, w in enumerate(self.group_windows):
+            table = st.tables[g]
+            lo = self._window_start(k * ps, w)
+            table.extend([NULL_PAGE] * lo)
+            for i in range(lo, k):
+                page = self._hash_to_page[self._key(hashes[i], g)]
+                ref = self._ref[page]
+                if ref == 0:
+                    del self._evictable[page]  # revive
+                    self._num_used += 1
+                self._ref[page] = ref + 1
+                table.append(page)
+        if k:
+            st.last_hash = hashes[k - 1]
+        st.num_hashed = k
+        cached = k * ps
         self._query_tokens += n
         self._hit_tokens += cached
         return cached
 
+    def _window_start(self, num_computed: int, window: int) -> int:
+        """The first page a sliding group of `window` still needs once `num_computed` tokens are computed: the
+        next token (position num_computed) sees keys from num_computed - window + 1 on. 0 for full attention."""
+        return max(0, num_computed - window + 1) // self.page_size if window else 0
+
     def ensure_capacity(self, seq_id: int, num_tokens_total: int) -> bool:
-        """Grow the sequence's table to hold `num_tokens_total` tokens. All or nothing: False (and no change)
+        """Grow the sequence's tables to hold `num_tokens_total` tokens. All or nothing: False (and no change)
         if there are not enough free + evictable pages. Never shrinks."""
         st = self._get(seq_id)
-        need = self.pages_for(num_tokens_total) - len(st.pages)
+        n = self.pages_for(num_tokens_total)
+        need = sum(max(0, n - len(t)) for t in st.tables)
         if need <= 0:
             return True
         if need > len(self._free) + len(self._evictable):
             return False
-        pages = st.pages
-        for _ in range(need):
-            pages.append(self._take_page())
+        for t in st.tables:
+            for _ in range(n - len(t)):
+                t.append(self._take_page())
         return True
+
+    def trim_window(self, seq_id: int, num_computed_tokens: int) -> int:
+        """Release the sliding groups' pages that no later token of the sequence can see (all of a page's
+        positions before `num_computed_tokens - window + 1`); their entries become NULL_PAGE. A cached page
+        stays in the prefix cache (evictable). Returns the pages released; a no-op without sliding groups."""
+        st = self._get(seq_id)
+        released = 0
+        for g, w in enumerate(self.group_windows):
+            if not w:
+                continue
+            table = st.tables[g]
+            for i in range(min(self._window_start(num_computed_tokens, w), len(table))):
+                if table[i] != NULL_PAGE:
+                    self._release(table[i])
+                    table[i] = NULL_PAGE
+                    released += 1
+        return released
 
     def commit_computed(self, seq_id: int, token_ids_so_far: Sequence[int], num_computed_tokens: int) -> int:
         """Register the sequence's newly full, computed pages in the prefix cache. Returns pages registered.
@@ -288,12 +364,14 @@ class BlockManager:
         h = st.last_hash
         for i in range(st.num_hashed, full):
             h = self._chain(h, token_ids_so_far[i * ps:(i + 1) * ps])
-            if h not in self._hash_to_page:
-                page = st.pages[i]
+            for g, table in enumerate(st.tables):
+                key, page = self._key(h, g), table[i]
+                if page == NULL_PAGE or key in self._hash_to_page:
+                    continue
                 if self._page_hash[page] is not None:  # pages past the hits come from _take_page: uncached
                     raise BlockManagerError(f"sequence {seq_id}: page {page} is already cached")
-                self._hash_to_page[h] = page
-                self._page_hash[page] = h
+                self._hash_to_page[key] = page
+                self._page_hash[page] = key
                 registered += 1
         if full > st.num_hashed:
             st.num_hashed = full
@@ -306,8 +384,9 @@ class BlockManager:
         st = self._seqs.pop(seq_id, None)
         if st is None:
             return False
-        for page in reversed(st.pages):
-            self._release(page)
+        for table in st.tables:
+            for page in reversed(table):
+                self._release(page)
         return True
 
     # ------------------------------------------------------------------ cache management, stats, checks
@@ -355,14 +434,20 @@ class BlockManager:
         n = self.num_pages
         counts = [0] * n
         for sid, st in self._seqs.items():
-            if len(set(st.pages)) != len(st.pages):
-                fail(f"sequence {sid} holds a page twice: {st.pages}")
+            held = [p for t in st.tables for p in t if p != NULL_PAGE]
+            if len(set(held)) != len(held):
+                fail(f"sequence {sid} holds a page twice: {st.tables}")
+            if len({len(t) for t in st.tables}) != 1:
+                fail(f"sequence {sid}: its groups' tables differ in length: {[len(t) for t in st.tables]}")
             if not 0 <= st.num_hashed <= len(st.pages):
                 fail(f"sequence {sid}: num_hashed={st.num_hashed} outside [0, {len(st.pages)}]")
-            for p in st.pages:
-                if not 1 <= p < n:
-                    fail(f"sequence {sid} holds page {p} (null page or out of range)")
-                counts[p] += 1
+            for g, t in enumerate(st.tables):
+                for p in t:
+                    if p == NULL_PAGE and self.group_windows[g]:
+                        continue  # trimmed
+                    if not 1 <= p < n:
+                        fail(f"sequence {sid} holds page {p} in group {g} (null page or out of range)")
+                    counts[p] += 1
         if counts != self._ref:
             bad = [p for p in range(n) if counts[p] != self._ref[p]][:10]
             fail(f"refcounts differ from block tables at pages {bad}: "

@@ -93,8 +93,10 @@ class LLMEngine:
         # Speculative decoding (jaxserve/speculative, docs/speculative.md): owns every decode step when set.
         self.speculator = speculator(runner) if speculator is not None else None
         salt = f"{model_cfg.name}|{engine_cfg.dtype}|{engine_cfg.kv_cache_dtype}".encode()
+        layout = getattr(runner, "kv_layout", None)  # (a fake runner: one plain group)
         self.scheduler = Scheduler(engine_cfg, num_pages, cache_salt=salt,
-                                   num_lookahead_slots=self.speculator.K if self.speculator is not None else 0)
+                                   num_lookahead_slots=self.speculator.K if self.speculator is not None else 0,
+                                   group_windows=layout.group_windows if layout is not None else (0,))
         self.requests: dict = {}
         self.stats = EngineStats()
         self._seq_ids = itertools.count(1)
@@ -148,7 +150,8 @@ class LLMEngine:
                 f"prompt has {len(prompt_ids)} tokens but the context is {self.max_model_len} tokens "
                 f"(at least one must be left to generate); shorten the prompt or raise max_model_len")
         need = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
-        pages = -(-need // self.cfg.page_size)
+        step = self.cfg.max_num_batched_tokens + self.scheduler.num_lookahead_slots
+        pages = self.bm.max_pages(need, step)  # every page group's (sliding ones: their window's)
         if pages > self.num_pages - 1:
             raise RequestTooLargeError(
                 f"request needs {pages} KV pages ({need} tokens) but the cache has {self.num_pages - 1}; "

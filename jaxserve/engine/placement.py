@@ -115,10 +115,10 @@ class Placement:
         placed = jax.tree.map(put_leaf, params, shard, is_leaf=is_quantized)
         return pack_bf16_layers(placed) if one_device else placed
 
-    def init_kv(self, model_cfg, num_pages: int, page_size: int, dtype) -> dict:
+    def init_kv(self, model_cfg, num_pages: int, page_size: int, dtype, rows=None) -> dict:
         """`models.transformer.init_kv_cache` created in this placement's layout: values as `kv_spec`, an Int8KV's
-        per token-and-head scales as its first three axes."""
-        make = lambda: init_kv_cache(model_cfg, num_pages, page_size, dtype)  # noqa: E731
+        per token-and-head scales as its first three axes. `rows`: as init_kv_cache (a grouped KVLayout)."""
+        make = lambda: init_kv_cache(model_cfg, num_pages, page_size, dtype, rows)  # noqa: E731
         spec = tuple(self.kv_spec()) + (None,) * 4
         sh = jax.tree.map(lambda a: NamedSharding(self.mesh, P(*spec[:a.ndim])), jax.eval_shape(make))
         return jax.jit(make, out_shardings=sh)()

@@ -256,7 +256,12 @@ class ModelRunner:
         params = ensure_quantized(params, engine_cfg)  # no-op unless EngineConfig.quantization is set
         # Float leaves are cast to the engine dtype; quantized leaves (models/quantized.py) keep their own.
         self.params = bind_matmul_for(placement.place_params(params, dtype), engine_cfg, placement)
-        self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype))
+        # Page groups (config.KVLayout): sliding-window layers' pages are freed out of their window. Pipeline stages
+        # split the cache by layer, so their forward keeps one row per layer.
+        self.kv_layout = model_cfg.kv_layout(engine_cfg.sliding_window_reclaim and placement.forward is forward_step)
+        self._layout_kw = {"kv_layout": self.kv_layout} if self.kv_layout.grouped else {}
+        self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype),
+                                    rows=self.kv_layout.width)
         self.load_seconds = time.monotonic() - t0
         # batch_invariant: the dot tiling measured exact on this machine (models/invariance.py), else False.
         self.invariance = False
@@ -284,10 +289,10 @@ class ModelRunner:
         if all_logits:  # (verify steps; the pipeline's forward has no all-positions variant)
             return forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                 block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                batch_invariant=self.invariance, all_logits=True)
+                                batch_invariant=self.invariance, all_logits=True, **self._layout_kw)
         return self.placement.forward(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                       block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                      batch_invariant=self.invariance)
+                                      batch_invariant=self.invariance, **self._layout_kw)
 
     def sample(self, logits, st: SamplingTensors) -> SampleResult:
         """The engine's sampler over rows of logits f32[N, V] (N = the sampling tensors' rows)."""
@@ -305,7 +310,7 @@ class ModelRunner:
         engine's prefill programs where the placement supports it): ((logits, hidden), kv)."""
         logits, kv, hidden = forward_step(self.model_cfg, params, kv, inp, page_size=self.page_size,
                                           block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                                          batch_invariant=self.invariance, return_hidden=True)
+                                          batch_invariant=self.invariance, return_hidden=True, **self._layout_kw)
         return (logits, hidden), kv
 
     def sample_step(self, params, kv, inp: StepInputs, st: SamplingTensors):
@@ -359,8 +364,9 @@ class ModelRunner:
         (default R; R * Q for a step that samples every position)."""
         i32 = jnp.int32
         S = jax.ShapeDtypeStruct
-        inp = StepInputs(S((R, Q), i32), S((R, Q), i32), S((R,), i32), S((R,), i32), S((R, self.P), i32),
-                         S((R, Q), i32))
+        G = (self.kv_layout.num_groups,) if self.kv_layout.grouped else ()
+        inp = StepInputs(S((R, Q), i32), S((R, Q), i32), S((R,), i32), S((R,), i32), S(G + (R, self.P), i32),
+                         S(G + (R, Q), i32))
         arrays = build_sampling_arrays([], [], [], [], [], [], R if sampled_rows is None else sampled_rows, self.H,
                                        self.NB, W=self.W)
         return inp, SamplingTensors(**{k: S(v.shape, v.dtype) for k, v in arrays.items()})
@@ -535,20 +541,40 @@ class ModelRunner:
         row's chunk, each scored against the token after it): (StepResult, {row index: PromptLogprobs})."""
         R, Q = bucket
         inp = self.step_inputs(R, Q, [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start,
-                                       row.block_table) for row in rows])
+                                       row.tables()) for row in rows])
         full = {i: (lo, hi, rows[i].start, rows[i].seq.all_token_ids[lo + 1:hi + 1]) for i, (lo, hi) in spans.items()}
         return self._run(self._programs, bucket, inp, self._sampling_arrays(rows, R), len(rows), full)
 
+    def synthetic_tables(self, rows: int, context: int, start: Optional[int] = None) -> list:
+        """Block tables of `rows` sequences of `context` tokens on pages of their own, as the block manager holds
+        them when the next query is at position `start` (default context - 1: a decode step), sliding groups
+        trimmed to their window: what `step_inputs` takes, for benchmarks that time a step on fixed inputs."""
+        from jaxserve.engine.block_manager import BlockManager
+
+        windows = self.kv_layout.group_windows if self.kv_layout.grouped else (0,)
+        bm = BlockManager(self.num_pages, self.page_size, enable_prefix_caching=False, group_windows=windows)
+        out = []
+        for i in range(rows):
+            bm.allocate_prompt(i, [0] * context)
+            if not bm.ensure_capacity(i, context):
+                raise ValueError(f"{rows} sequences of {context} tokens need more than the {self.num_pages - 1} "
+                                 f"KV pages of this runner")
+            bm.trim_window(i, context - 1 if start is None else start)
+            out.append(bm.group_tables(i) if self.kv_layout.grouped else bm.block_table(i))
+        return out
+
     def step_inputs(self, R: int, Q: int, entries) -> StepInputs:
         """Host arrays of one (R, Q) step. `entries`: per real row, (token ids of its new positions, position of
-        the first, block table). Padding rows and positions write to page 0 slot 0, the null page."""
+        the first, block table); with a grouped KV layout the block table is a tuple of one table per page group
+        (BlockManager.group_tables). Padding rows and positions write to page 0 slot 0, the null page."""
         ps = self.page_size
+        G = self.kv_layout.num_groups if self.kv_layout.grouped else 1
         tokens = np.zeros((R, Q), np.int32)
         positions = np.zeros((R, Q), np.int32)
         q_lens = np.zeros((R,), np.int32)
         kv_lens = np.zeros((R,), np.int32)
-        block_tables = np.zeros((R, self.P), np.int32)
-        slots = np.zeros((R, Q), np.int32)
+        block_tables = np.zeros((G, R, self.P), np.int32)
+        slots = np.zeros((G, R, Q), np.int32)
         for i, (toks, start, bt) in enumerate(entries):
             m = len(toks)
             tokens[i, :m] = toks
@@ -556,8 +582,16 @@ class ModelRunner:
             positions[i, :m] = pos
             q_lens[i] = m
             kv_lens[i] = start + m
-            block_tables[i, :len(bt)] = bt
-            slots[i, :m] = block_tables[i][pos // ps] * ps + pos % ps
+            tables = bt if isinstance(bt, tuple) else (bt,)
+            if len(tables) != G:
+                raise ValueError(f"row {i}: {len(tables)} block table(s) for a KV layout of {G} page groups "
+                                 f"(give one per group: BlockManager.group_tables, or EngineConfig("
+                                 f"sliding_window_reclaim=False) for one table)")
+            for g, t in enumerate(tables):
+                block_tables[g, i, :len(t)] = t
+                slots[g, i, :m] = block_tables[g, i][pos // ps] * ps + pos % ps
+        if not self.kv_layout.grouped:
+            return StepInputs(tokens, positions, q_lens, kv_lens, block_tables[0], slots[0])
         return StepInputs(tokens, positions, q_lens, kv_lens, block_tables, slots)
 
     def sampling_inputs(self, entries, R: int) -> SamplingTensors:

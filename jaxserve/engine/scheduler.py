@@ -32,8 +32,13 @@ class ScheduledRow:
     seq: Sequence
     start: int  # tokens already in the cache before this step
     num_new: int  # tokens computed this step
-    block_table: list = field(default_factory=list)  # the sequence's pages, attached when scheduled
+    block_table: list = field(default_factory=list)  # the sequence's pages (group 0's), attached when scheduled
     num_lookahead: int = 0  # extra KV slots reserved past its tokens: drafts a verify step may check
+    group_tables: Optional[tuple] = None  # with page groups (config.KVLayout): one table per group
+
+    def tables(self):
+        """What the runner's step_inputs takes: the block table, or the tuple of the groups' tables."""
+        return self.group_tables if self.group_tables is not None else self.block_table
 
     @property
     def samples(self) -> bool:
@@ -72,13 +77,15 @@ class Scheduler:
         mode: "continuous" or "static" (default: `engine_cfg.scheduler`).
         cache_salt: bytes mixed into every prefix-cache page hash (see BlockManager).
         num_lookahead_slots: KV slots reserved past each decode row's tokens (a speculative engine's k).
+        group_windows: the KV layout's page groups (config.KVLayout.group_windows; default one full group).
     """
 
     def __init__(self, engine_cfg, num_pages: int, mode: Optional[str] = None, batch_aging_s: float = 30.0,
-                 cache_salt: bytes = b"", num_lookahead_slots: int = 0):
+                 cache_salt: bytes = b"", num_lookahead_slots: int = 0, group_windows=(0,)):
         self.cfg = engine_cfg
         self.bm = BlockManager(num_pages, engine_cfg.page_size, engine_cfg.enable_prefix_caching,
-                               cache_salt=cache_salt)
+                               cache_salt=cache_salt, group_windows=group_windows)
+        self.grouped = tuple(group_windows) != (0,)
         self.mode = engine_cfg.scheduler if mode is None else mode
         self.num_lookahead_slots = num_lookahead_slots
         self.batch_aging_s = batch_aging_s
@@ -176,6 +183,8 @@ class Scheduler:
                 self._reserve_lookahead(out.rows)
             for row in out.rows:
                 row.block_table = self.bm.block_table(row.seq.seq_id)
+                if self.grouped:
+                    row.group_tables = self.bm.group_tables(row.seq.seq_id)
         return out
 
     def _reserve_lookahead(self, rows: list) -> None:
@@ -316,6 +325,7 @@ class Scheduler:
             # drafts, i.e. one position per appended token (rejected drafts' slots are simply rewritten later).
             seq.num_computed_tokens = row.start + max(row.num_new, n)
             self.bm.commit_computed(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+            self.bm.trim_window(seq.seq_id, seq.num_computed_tokens)  # sliding groups: pages out of the window
             if seq.finished:
                 self._remove(seq)
                 res.finished.append(seq)

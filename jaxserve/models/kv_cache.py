@@ -115,10 +115,11 @@ def write_kv(cache, layer, slots, x):
     return cache.at[layer, slots].set(x.astype(cache.dtype))
 
 
-def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32, rows=None):
     """{"k", "v"}: float [L, slots, Hkv, hd], or for dtype int8 an Int8KV (int8 values + f32 scales [L, slots, Hkv],
-    the Pallas kernels' k_scales / v_scales layout), or for bfloat16 on XLA:CPU a Bf16KV (the bits as uint16)."""
-    shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    the Pallas kernels' k_scales / v_scales layout), or for bfloat16 on XLA:CPU a Bf16KV (the bits as uint16).
+    `rows`: the first axis when it is not one row per layer (a grouped config.KVLayout's `width`)."""
+    shape = (cfg.num_layers if rows is None else rows, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
     if jnp.dtype(dtype) == jnp.int8:
         return {"k": Int8KV.zeros(shape), "v": Int8KV.zeros(shape)}
     if Bf16KV.used_for(dtype):

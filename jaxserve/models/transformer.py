@@ -31,8 +31,8 @@ class StepInputs(NamedTuple):
     positions: jax.Array  # i32[R, Q]  absolute position of each new token
     q_lens: jax.Array  # i32[R]     new tokens per row (0 for padding rows)
     kv_lens: jax.Array  # i32[R]     context length after this step (cached + new)
-    block_tables: jax.Array  # i32[R, P]  page ids, 0-padded
-    slots: jax.Array  # i32[R, Q]  cache slot of each new token (null page for padding)
+    block_tables: jax.Array  # i32[R, P]  page ids, 0-padded; i32[G, R, P] per page group (config.KVLayout)
+    slots: jax.Array  # i32[R, Q]  cache slot of each new token (null page for padding); [G, R, Q] per group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,23 +465,26 @@ def _paged_attention(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_p
 
 def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: int, block_pages: int,
                  attention_fn=None, batch_invariant: bool = False, all_logits: bool = False,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, kv_layout=None):
     """Run R x Q new tokens through the model, writing their K/V into the pages.
 
     Returns (logits f32[R, V] of each row's last new token, updated kv). With `all_logits` (speculative
     verification), logits f32[R, Q, V] of every position instead (the LM head runs on all R x Q rows).
     With `return_hidden`, (logits, kv, hidden [R, Q, D]): the last layer's output at every position, before the
     final norm (`lm_head(hidden)` gives any position's logits: prompt logprobs).
+    `kv_layout` (config.KVLayout): the cache's page groups; None or one plain group: layer l is cache row l.
     """
     R, Q = inp.tokens.shape
     attention_fn = attention_fn or paged_attention_xla
     x = embed_tokens(cfg, params, inp.tokens)  # [R, Q, D]
     windows = jnp.asarray(np.asarray(cfg.layer_windows(), np.int32))
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    grouped = kv_layout is not None and kv_layout.grouped
+    layers = jnp.asarray(np.asarray(kv_layout.layer_index if grouped else range(cfg.num_layers), np.int32))
+    groups = jnp.asarray(np.asarray(kv_layout.layer_group, np.int32)) if grouped else None
     x, kc, vc = decoder_layers(cfg, params["layers"], x, kv["k"], kv["v"], inp, windows, inv_freq, layers,
                                page_size=page_size, block_pages=block_pages, attention_fn=attention_fn,
-                               batch_invariant=batch_invariant)
+                               batch_invariant=batch_invariant, groups=groups)
     inv = batch_invariant
     if all_logits:
         return lm_head(cfg, params, x, inv), {"k": kc, "v": vc}
@@ -493,13 +496,16 @@ def forward_step(cfg: ModelConfig, params, kv, inp: StepInputs, *, page_size: in
 
 
 def decoder_layers(cfg: ModelConfig, layer_params, x, kc, vc, inp: StepInputs, windows, inv_freq, layers, *,
-                   page_size: int, block_pages: int, attention_fn=None, batch_invariant: bool = False):
+                   page_size: int, block_pages: int, attention_fn=None, batch_invariant: bool = False, groups=None):
     """The stacked decoder layers over x [R, Q, D] (one lax.scan). `layer_params`, windows, inv_freq and `layers`
     (indices into the caches kc / vc) have a leading axis of the layers to run: all of them, or one pipeline
-    stage's share (jaxserve/parallel/pipeline.py). Returns (x, kc, vc)."""
+    stage's share (jaxserve/parallel/pipeline.py). `groups`: each layer's page group (config.KVLayout), whose
+    block tables and slots (inp's [G, R, ...]) it uses; None: one table per row. Returns (x, kc, vc)."""
     R, Q = inp.tokens.shape
     attention_fn = attention_fn or paged_attention_xla
-    flat_slots = inp.slots.reshape(-1)
+    grouped = groups is not None
+    if not grouped:
+        groups = jnp.zeros_like(layers)
     valid = jnp.arange(Q)[None, :] < inp.q_lens[:, None]
     q_pos = jnp.where(valid, inp.positions, -1)
     eps = cfg.rms_norm_eps
@@ -507,13 +513,15 @@ def decoder_layers(cfg: ModelConfig, layer_params, x, kc, vc, inp: StepInputs, w
 
     def layer_fn(carry, xs):
         x, kc, vc = carry
-        lp, window, freq, layer = xs
+        lp, window, freq, layer, group = xs
         lp = unpack_bf16(lp)  # bf16 weights held as bits on CPU (pack_bf16_layers)
+        block_tables = inp.block_tables[group] if grouped else inp.block_tables  # [R, P]: this layer's pages
+        flat_slots = (inp.slots[group] if grouped else inp.slots).reshape(-1)
         h = rms_norm(x, lp["attn_norm"], eps, inv)
         q, k, v = qkv(cfg, lp, h, inp.positions, freq, inv)
         kc = write_kv(kc, layer, flat_slots, k.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim))
         vc = write_kv(vc, layer, flat_slots, v.reshape(R * Q, cfg.num_kv_heads, cfg.head_dim))
-        o = attention_fn(cfg, q, kc, vc, layer, inp.block_tables, inp.kv_lens, q_pos, window,
+        o = attention_fn(cfg, q, kc, vc, layer, block_tables, inp.kv_lens, q_pos, window,
                          page_size=page_size, block_pages=block_pages, batch_invariant=inv)
         o = dense(o.reshape(R, Q, cfg.q_size), lp["wo"], inv)
         if cfg.post_norms:
@@ -525,5 +533,5 @@ def decoder_layers(cfg: ModelConfig, layer_params, x, kc, vc, inp: StepInputs, w
             m = rms_norm(m, lp["post_mlp_norm"], eps, inv)
         return (x + m, kc, vc), None
 
-    (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kc, vc), (layer_params, windows, inv_freq, layers))
+    (x, kc, vc), _ = jax.lax.scan(layer_fn, (x, kc, vc), (layer_params, windows, inv_freq, layers, groups))
     return x, kc, vc

@@ -82,6 +82,8 @@ def build_engine(model: str, engine_cfg: EngineConfig, mesh=None, *, random_weig
         spec = resolve_mesh_spec(default_mesh_spec(model_cfg, devices), len(devices))
         _check_speculative_mesh(speculative, spec)  # (an explicit mesh was checked before loading)
     check_model_fits_mesh(model_cfg, spec)
+    if spec["stage"] > 1 and engine_cfg.sliding_window_reclaim:  # stages split the cache by layer: no page groups
+        engine_cfg = dataclasses.replace(engine_cfg, sliding_window_reclaim=False)
     group = spec["model"] * spec["stage"]  # the devices of one replica
     if given is not None:
         defaults = engine_defaults(model_cfg, engine_cfg, devices[0], group, given)

@@ -15,6 +15,8 @@ Draft KV only ever affects acceptance, never what the target emits, so it may la
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Optional
 
@@ -129,7 +131,9 @@ class ModelDraftProposer(Proposer):
         self.max_k = max_k
         decode = engine_cfg.decode_buckets()
         prefill = engine_cfg.prefill_buckets()
-        self.runner = ModelRunner(draft_cfg, engine_cfg, draft_params, num_pages)
+        # The draft's KV lives at the target's group-0 pages (every position): one row per layer, no page groups.
+        self.runner = ModelRunner(draft_cfg, dataclasses.replace(engine_cfg, sliding_window_reclaim=False),
+                                  draft_params, num_pages)
         # its programs: greedy steps over the decode ladder as (R, 1) and (R, 2) and the prefill ladder
         self.buckets = [(r, 1) for r in decode] + [(r, 2) for r in decode] + list(prefill)
         self._programs: dict = {}

@@ -142,7 +142,7 @@ class Speculator:
         r = self.runner
         Q = self.Q
         # each row feeds its last emitted token (whose KV is not written yet) and its drafts
-        inp = r.step_inputs(R, Q, [([row.seq.all_token_ids[-1]] + list(d), row.seq.num_tokens - 1, row.block_table)
+        inp = r.step_inputs(R, Q, [([row.seq.all_token_ids[-1]] + list(d), row.seq.num_tokens - 1, row.tables())
                                    for row, d in zip(rows, drafts)])
         entries = []
         need_hist = any(row.seq.params.uses_history for row in rows)
