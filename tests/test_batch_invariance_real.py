@@ -51,8 +51,9 @@ def test_real_model_outputs_identical_across_batching_modes(llm_factory, workloa
     ref = _run(base, prompts, sps)
     assert [len(t) for t, _ in ref] == [sp.max_tokens for sp in sps]
     assert base.engine.bm.stats()["prefix_hit_tokens"] > 0
-    # 40 pages x 16 tokens: forces preemption; and prefix caching off.
-    preempt = llm_factory("gemma3-270m", num_pages=40, enable_prefix_caching=False, **KW)
+    # 240 pages x 16 tokens of 3 of the 18 layers (sliding-window page groups; the bytes of 40 whole-model pages):
+    # forces preemption; and prefix caching off.
+    preempt = llm_factory("gemma3-270m", num_pages=240, enable_prefix_caching=False, **KW)
     static = llm_factory("gemma3-270m", num_pages=512, scheduler="static", **KW)
     for name, llm in (("preemption, no prefix cache", preempt), ("static", static)):
         got = _run(llm, prompts, sps)
