@@ -162,6 +162,12 @@ def main(argv=None) -> int:
     import jax
 
     kw = dict(SMALL_KW)
+    try:  # a sequence holds pages in each of the model's KV page groups (sliding-window reclaim): scale the pool
+        from jaxserve.config import load_model_config
+
+        kw["num_pages"] *= load_model_config(args.model).kv_layout().num_groups
+    except Exception:  # (a converted checkpoint's directory: its own small pool is enough for its 4 tokens)
+        pass
     if args.engine_kw:
         kw.update(json.loads(args.engine_kw))
     if args.prompts:
