@@ -193,7 +193,9 @@ def test_planner_counts_int8_kv():
     i8 = kv_pages_for_budget(cfg, EngineConfig(kv_cache_dtype="int8"), 1 << 30)
     per_tok = cfg.kv_bytes_per_token("int8")
     assert per_tok == (2 * 1 * 256 * 1 + 2 * 1 * 4) * 18
-    assert i8 == (1 << 30) // (per_tok * 16) and i8 > 3.8 * f32
+    # a page holds 16 tokens of the KV layout's 3 rows (sliding-window page groups: 3 of the 18 layers)
+    assert cfg.kv_layout().width == 3
+    assert i8 == (1 << 30) // (per_tok * 3 // 18 * 16) and i8 > 3.8 * f32
 
 
 # ------------------------------------------------------------------------------------------------ engine
