@@ -168,6 +168,23 @@ def cmd_serve(args) -> int:
         print(f"jaxserve: warning: serving on {args.host} without an API key (--api-key or JAXSERVE_API_KEY)",
               file=sys.stderr)
     llm = LLM(args.model, random_weights=args.random_weights, **_serving_engine_kwargs(args))
+    import jax
+
+    channel = None
+    if jax.process_count() > 1:  # multi-host: process 0 serves, the others run its steps (parallel/spmd.py)
+        from jaxserve.parallel.spmd import StepChannel
+
+        channel = StepChannel(llm.engine)
+        if channel.process_id != 0:
+            print(f"jaxserve: process {channel.process_id} of {channel.num_processes} ready; following process 0's "
+                  f"steps", file=sys.stderr, flush=True)
+            rc = channel.follow()
+            # Exit now: at interpreter exit jax.distributed's shutdown aborts (SIGABRT) once process 0, which hosts
+            # the coordination service, is gone, and it goes as soon as it has told the followers to stop.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+        channel.lead()
     names = args.served_model_name or list(dict.fromkeys([args.model, llm.model_config.name]))
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens_limit)
@@ -175,7 +192,8 @@ def cmd_serve(args) -> int:
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     run_server(llm, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level,
                served_model_names=names, api_key=api_key, limits=limits, default_priority=args.default_priority,
-               max_pending=args.max_pending)
+               max_pending=args.max_pending, health_check=channel.health if channel is not None else None,
+               on_shutdown=channel.close if channel is not None else None)  # followers exit with process 0
     return 0
 
 
@@ -241,7 +259,7 @@ def main(argv=None) -> int:
     sv.add_argument("--drain-timeout", type=float, default=60.0,
                     help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    sv.set_defaults(fn=cmd_serve)
+    sv.set_defaults(fn=cmd_serve, recoverable=True)  # multi-host: a dead process fails the server, not a hang
 
     from jaxserve import batch as batch_mod
 

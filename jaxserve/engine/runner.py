@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 from jax._src import config as jax_config  # thread-local override of the cache threshold
@@ -278,6 +278,11 @@ class ModelRunner:
             self.invariance = choose_row_tiles(model_cfg, self.params, self.page_size, engine_cfg.attn_block_pages,
                                                rows)
         self._programs: dict = {}
+        # Every program set `_run` takes (the engine's, then each `compile` result in call order): a multi-host
+        # server names a step's programs by index here, the same on every process (jaxserve/parallel/spmd.py).
+        self._program_sets: list = [self._programs]
+        # Multi-host serving, process 0: called with every step before it runs, to send it to the other processes.
+        self.mirror: Optional[Callable] = None
         self.device_seconds = 0.0  # summed over steps: dispatch to the sampled ids on the host (`_run`)
         self._samplers: dict = {}  # (logits shape, dtype) -> Future of the compiled sampler (_sampler_program)
         self._sampler_lock = threading.Lock()
@@ -456,6 +461,7 @@ class ModelRunner:
                 programs[bucket] = prog
                 if progress is not None:
                     progress(bucket)
+        self._program_sets.append(programs)
         return programs
 
     def compile_all(self, progress=None) -> float:
@@ -491,6 +497,9 @@ class ModelRunner:
         prog = programs.get(bucket)
         if prog is None:
             raise CompileWhileServingError(f"no compiled program for bucket {bucket}; buckets: {sorted(programs)}")
+        if self.mirror is not None:
+            index = next(i for i, p in enumerate(self._program_sets) if p is programs)
+            self.mirror(index, bucket, inputs, sampling, num_rows, spans)
         placed = self.place_inputs((inputs, sampling))
         before = compile_count()
         t0 = time.perf_counter()
@@ -508,6 +517,12 @@ class ModelRunner:
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")
         return StepResult(*(a[:num_rows] for a in out)), scored
+
+    def follow_step(self, program_set: int, bucket: tuple, inputs: StepInputs, sampling: SamplingTensors,
+                    num_rows: int, spans: Optional[dict] = None) -> None:
+        """Run a step process 0 mirrored (`mirror`): the same programs on the same host inputs, so this process's
+        devices take part in the step's collectives and its KV shards stay in step; the results are dropped."""
+        self._run(self._program_sets[program_set], tuple(bucket), inputs, sampling, num_rows, spans)
 
     def _score_spans(self, hidden, spans: dict) -> dict:
         """Prompt logprobs of `spans` (see `_run`) through the scorer, in calls of `score_rows` positions."""

@@ -27,5 +27,6 @@ def parallel_kwargs(args) -> dict:
     if mesh is not None and mesh.strip().lower() != "auto":
         parse_mesh_spec(mesh)  # a bad string fails here, before any weights load
     initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-               getattr(args, "process_id", None), auto=getattr(args, "distributed", False))
+               getattr(args, "process_id", None), auto=getattr(args, "distributed", False),
+               recoverable=getattr(args, "recoverable", False))
     return {} if mesh is None else {"mesh": mesh}

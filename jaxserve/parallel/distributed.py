@@ -61,11 +61,13 @@ def distributed_settings(coordinator_address: Optional[str] = None, num_processe
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, *, auto: bool = False,
-               initialization_timeout: int = 300) -> bool:
+               initialization_timeout: int = 300, recoverable: bool = False) -> bool:
     """Join the multi-host run (once per process). Returns True if jax.distributed was initialised.
 
     Nothing happens (False) when no coordinator is configured and `auto` is False: a single-process run.
-    Must run before anything touches a JAX device.
+    Must run before anything touches a JAX device. `recoverable` (a server: jaxserve/parallel/spmd.py): a process
+    that dies does not take the others down with it (`jax_enable_recoverability`); its peers' collectives fail
+    instead, and the server reports it.
     """
     global _initialized
     if _initialized:
@@ -80,6 +82,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() in ("cpu",) or _cpu_only():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if recoverable:
+        jax.config.update("jax_enable_recoverability", True)
+        # The preemption service takes over SIGTERM (the process then dies of it); the server drains on SIGTERM.
+        jax.config.update("jax_enable_preemption_service", False)
     kw = {k: v for k, v in s.items() if v is not None}
     jax.distributed.initialize(initialization_timeout=initialization_timeout, **kw)
     _initialized = True

@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -132,8 +132,15 @@ class _MetricsMiddleware:
 
 def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Optional[str] = None,
               limits: Optional[Limits] = None, default_priority: str = "interactive",
-              max_pending: int = 1024) -> FastAPI:
-    """An ASGI app serving `llm` (an `LLM` or an `LLMEngine`, idle). The engine thread starts with the app."""
+              max_pending: int = 1024, health_check: Optional[Callable[[], Optional[str]]] = None,
+              health_poll_s: float = 1.0, on_shutdown: Optional[Callable[[], None]] = None) -> FastAPI:
+    """An ASGI app serving `llm` (an `LLM` or an `LLMEngine`, idle). The engine thread starts with the app.
+
+    `health_check`: None, or a check polled every `health_poll_s` seconds that returns why the engine cannot serve
+    (e.g. a dead process of a multi-host group: parallel/spmd.py), else None. Once it fails, the requests in
+    flight get an error, /health answers 503 and new generation requests are refused with 503. `on_shutdown`:
+    called once the engine thread has stopped (uvicorn then re-raises SIGTERM, so code after `run_server` may
+    never run)."""
     engine = getattr(llm, "engine", llm)
     names = list(served_model_names or [engine.model_cfg.name])
     metrics = ServerMetrics()
@@ -143,9 +150,22 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
         metrics=metrics, api_key=api_key or None, default_priority=default_priority, max_pending=max_pending,
     )
 
+    failed: list = []  # why the health check failed (once it has)
+
+    async def watch_health():
+        while True:
+            await asyncio.sleep(health_poll_s)
+            reason = health_check()
+            if reason is not None:
+                failed.append(reason)
+                log.error("unhealthy: %s; failing the requests in flight", reason)
+                state.loop.fail_pending(EngineDead(f"the server cannot serve: {reason}"))
+                return
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.loop.start(asyncio.get_running_loop())
+        watcher = asyncio.ensure_future(watch_health()) if health_check is not None else None
         grammars = getattr(engine, "grammars", None)
         if grammars is not None and engine.tokenizer is not None:  # build the grammar tokenizer off the first request
             threading.Thread(target=grammars.warm, name="jaxserve-grammar-warm", daemon=True).start()
@@ -153,8 +173,12 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await asyncio.get_running_loop().run_in_executor(None, state.loop.stop)
             log.info("engine loop stopped")
+            if on_shutdown is not None:
+                on_shutdown()
 
     app = FastAPI(title="jaxserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.jaxserve = state
@@ -190,6 +214,8 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
     # ------------------------------------------------------------------ plain endpoints
     @app.get("/health")
     async def health():
+        if failed:
+            return JSONResponse({"status": "unhealthy", "reason": failed[0]}, status_code=503)
         if not state.loop.alive:
             return JSONResponse({"status": "stopping"}, status_code=503)
         return {"status": "ok"}
@@ -223,6 +249,8 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
     # ------------------------------------------------------------------ generation
     async def generate(request: Request, kind: str):
         check_auth(request)
+        if failed:
+            raise APIError(503, f"the server cannot serve: {failed[0]}", "server_error", None, "unavailable")
         try:
             body = await _read_json(request, state.serving.limits.max_body_bytes)
         except ClientDisconnect:
@@ -303,6 +331,8 @@ def build_app(llm, *, served_model_names: Optional[list] = None, api_key: Option
 
     async def tokenizer_call(request: Request, fn):
         check_auth(request)
+        if failed:
+            raise APIError(503, f"the server cannot serve: {failed[0]}", "server_error", None, "unavailable")
         try:
             body = await _read_json(request, state.serving.limits.max_body_bytes)
         except ClientDisconnect:

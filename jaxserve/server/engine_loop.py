@@ -159,6 +159,21 @@ class EngineLoop:
         self._inbox.put(cmd)
         return await asyncio.wait_for(fut, timeout)
 
+    def fail_pending(self, exc: BaseException) -> None:
+        """From the event loop: fail every request in flight now, even if the engine thread is stuck in a step
+        (a peer process died inside a collective), and ask the engine thread to abort them."""
+        for _ in range(3):  # the engine thread may add a route meanwhile
+            try:
+                routes = list(self._routes.items())
+                break
+            except RuntimeError:
+                continue
+        else:
+            routes = []
+        for sink in {id(s): s for _, (s, _) in routes}.values():
+            sink.fail(exc)
+        self.abort([rid for rid, _ in routes])
+
     # -------------------------------------------------------------- the thread
     def _run_commands(self, block: bool) -> None:
         try:
