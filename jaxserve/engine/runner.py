@@ -260,11 +260,12 @@ class ModelRunner:
         # split the cache by layer, so their forward keeps one row per layer.
         self.kv_layout = model_cfg.kv_layout(engine_cfg.sliding_window_reclaim and placement.forward is forward_step)
         self._layout_kw = {"kv_layout": self.kv_layout} if self.kv_layout.grouped else {}
-        if self.kv_layout.grouped and self.P <= engine_cfg.attn_block_pages:
+        if self.P <= engine_cfg.attn_block_pages and (self.kv_layout.grouped or placement.mesh.devices.size > 1):
             # Block tables at least two attention blocks wide (the attention loop's trip count is data, so the extra
-            # null pages cost nothing). With one block XLA:CPU unrolls the loop and fuses a grouped layer's KV write
-            # into its attention gather, which then copies the whole cache twice per layer (seen on Gemma 3 270M,
-            # max_model_len 256: decode 4.4 s per token with a 1 GiB cache).
+            # null pages cost nothing). With one block XLA:CPU unrolls the loop and fuses a layer's KV write into its
+            # attention gather, which then copies the whole cache (shard) twice per layer: with page groups (Gemma 3
+            # 270M, max_model_len 256: decode 4.4 s per token with a 1 GiB cache) and on a mesh (tiny-llama model=2,
+            # max_model_len 256, 2 GiB cache: 1.5 s per token instead of 5 ms). One plain device does not copy.
             self.P = 2 * engine_cfg.attn_block_pages
         self.kv = placement.init_kv(model_cfg, num_pages, self.page_size, jnp.dtype(engine_cfg.kv_cache_dtype),
                                     rows=self.kv_layout.width)
