@@ -447,30 +447,39 @@ def test_default_mesh():
     assert default_mesh_spec(gemma, 1, local_device_count=1) == {"data": 1, "stage": 1, "model": 1}
 
 
-_ONE_BLOCK_CHECK = """
+
+_CACHE_COPY_CHECK = """
 import re, sys
 from jaxserve import LLM, SamplingParams
-llm = LLM("tiny-llama", random_weights=True, mesh="model=2", page_size=4, max_model_len=64, attn_block_pages=16,
-          max_num_seqs=1, max_num_batched_tokens=16, min_prefill_tokens=16, max_prefill_seqs=1, num_pages=256)
+llm = LLM("tiny-llama", random_weights=True, mesh=sys.argv[1], page_size=4, max_model_len=int(sys.argv[2]),
+          attn_block_pages=16, max_num_seqs=1, max_num_batched_tokens=16, min_prefill_tokens=16, max_prefill_seqs=1,
+          num_pages=256)
 r = llm.engine.runner
-shard = list(r.kv["v"].shape)
-shard[2] //= 2  # KV heads split over model=2
+slots = r.kv["v"].shape[1]
 hlo = r.programs[(1, 1)].as_text()
-copies = re.findall(r"\\[" + ",".join(map(str, shard)) + r"\\]\\{[\\d,]*\\} copy\\(", hlo)
+# A cache-sized array (whole cache or one device's shard) made anew: copied, sliced, gathered.
+made = re.findall(r"\\[\\d+," + str(slots) + r",\\d+,\\d+\\]\\{[\\d,]*\\} (?:copy|dynamic-slice|all-gather|all-to-all)\\(", hlo)
 out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-print(r.P, len(copies), len(out[0].outputs[0].token_ids))
+print(r.P, len(made), len(out[0].outputs[0].token_ids))
 """
 
 
-def test_one_block_tables_on_a_mesh_do_not_copy_the_cache():
-    """On a mesh, block tables are at least two attention blocks wide: with one (max_model_len <= page_size x
-    attn_block_pages), XLA:CPU fused each layer's V write into the unrolled attention gather and copied the whole
-    cache shard twice per layer (tiny-llama model=2, max_model_len 256, 2 GiB cache: 1.5 s per decode step instead
-    of 5 ms). Checked on the compiled decode program of a model=2 engine: no copy of a cache-shard-shaped array."""
+@pytest.mark.parametrize("mesh, devices, max_model_len, width", [
+    ("model=2", 2, 64, 32),   # KV heads split; 16 pages = one attention block, widened to two
+    ("model=4", 4, 256, 64),  # tiny-llama's 2 KV heads replicated over 4 devices
+])
+def test_decode_program_on_a_mesh_does_not_copy_the_cache(mesh, devices, max_model_len, width):
+    """The compiled decode program on a mesh makes no cache-sized array (no copy, slice or gather of the cache):
+    - with block tables of one attention block (max_model_len <= page_size x attn_block_pages), XLA:CPU fused each
+      layer's V write into the unrolled attention gather and copied the cache shard twice per layer (tiny-llama
+      model=2, max_model_len 256, 2 GiB cache: 25 s for 16 tokens instead of 0.07 s): tables are now >= 2 blocks;
+    - with KV heads replicated (model does not divide them), GSPMD sliced the whole cache to each device's KV head
+      and gathered it back every layer (model=4: 184 s vs 0.11 s): attention now runs under shard_map on each
+      device's replica (runner.replicated_kv_attention)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    p = subprocess.run([sys.executable, "-c", _ONE_BLOCK_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    p = subprocess.run([sys.executable, "-c", _CACHE_COPY_CHECK, mesh, str(max_model_len)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
-    width, copies, generated = map(int, p.stdout.strip().splitlines()[-1].split())
-    assert width == 32 and copies == 0 and generated == 6  # 16 pages = one block, widened to two
+    got_width, made, generated = map(int, p.stdout.strip().splitlines()[-1].split())
+    assert (got_width, made, generated) == (width, 0, 6)

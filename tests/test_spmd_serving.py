@@ -25,8 +25,8 @@ MODEL = "tiny-llama"
 ENGINE = ["--model", MODEL, "--random-weights", "--max-model-len", "256", "--max-num-seqs", "8",
           "--max-num-batched-tokens", "64", "--max-prefill-seqs", "4", "--min-prefill-tokens", "16",
           "--num-pages", "512", "--log-level", "warning"]
-# --num-pages: with the default page budget (most of the host's RAM, ~4 GB per process here) a model=4 step over
-# tiny-llama's 2 KV heads took ~7 s instead of ~30 ms (the KV cache is copied each step; docs/parallel.md).
+# --num-pages: a small cache per process (the default budget is most of the host's RAM, ~4 GB per process here);
+# before runner.replicated_kv_attention a model=4 step over tiny-llama's 2 KV heads then took ~7 s, not ~30 ms.
 N_REQUESTS = 32
 MAX_TOKENS = 12
 PROMPTS = [f"Request {i}: " + "the quick brown fox " * (1 + i % 5) for i in range(N_REQUESTS)]

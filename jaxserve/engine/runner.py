@@ -205,6 +205,11 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement
     """
     impl = _kernel_impl(engine_cfg, "attention_impl", platform)
     if impl == "xla":
+        placement = placement or Placement()
+        if placement.t > 1 and placement.p == 1:
+            mesh, q_split, kv_split = _mesh_split(model_cfg, placement)
+            if not kv_split:
+                return replicated_kv_attention(mesh, q_split)
         return None  # (without importing pallas_kernels)
     from pallas_kernels.engine import engine_attention_fn
 
@@ -214,6 +219,32 @@ def attention_fn_for(model_cfg: ModelConfig, engine_cfg: EngineConfig, placement
                                    q_split=q_split, kv_split=kv_split, platform=platform)
     except ValueError as e:
         raise InvalidConfigError(str(e)) from None
+
+
+def replicated_kv_attention(mesh, q_split: bool):
+    """The XLA attention path under `shard_map` for a mesh whose `model` axis does not split the KV heads (the
+    cache is replicated: Gemma 3's single KV head on any model > 1). Left to GSPMD, each device's query heads made
+    the partitioner slice the whole cache to the KV head they read and gather it back, every layer of every step
+    (tiny-llama model=4, 2 GiB cache: 184 s for 16 tokens instead of 0.2 s). Here every device reads its own
+    replica: query heads split when `q_split` (one KV head: every query head reads it), else attention replicated
+    like the Pallas path's (pallas_kernels/engine.py attention_split)."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxserve.models.transformer import paged_attention_xla
+
+    heads = P(None, None, "model", None) if q_split else P()
+
+    def attention_fn(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
+                     block_pages, batch_invariant=False):
+        def local(q_, kc, vc, layer_, tables, lens, pos, win):
+            return paged_attention_xla(cfg, q_, kc, vc, layer_, tables, lens, pos, win, page_size=page_size,
+                                       block_pages=block_pages, batch_invariant=batch_invariant)
+
+        rep = P()
+        return jax.shard_map(local, mesh=mesh, in_specs=(heads, rep, rep, rep, rep, rep, rep, rep), out_specs=heads,
+                             check_vma=False)(q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window)
+
+    return attention_fn
 
 
 def bind_matmul_for(params, engine_cfg: EngineConfig, placement: Optional[Placement] = None,
