@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from tests.test_multihost import _env, _free_port  # a free 127.0.0.1 port; env without forced devices
 
 openai = pytest.importorskip("openai")
 
@@ -32,21 +33,6 @@ MAX_TOKENS = 12
 PROMPTS = [f"Request {i}: " + "the quick brown fox " * (1 + i % 5) for i in range(N_REQUESTS)]
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ)
-    for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAXSERVE_COORDINATOR_ADDRESS"):
-        env.pop(k, None)
-    env["JAXSERVE_XLA_CACHE"] = "0"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def _health(port: int):
