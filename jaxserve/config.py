@@ -560,6 +560,9 @@ class EngineConfig:
     # on XLA:CPU it costs batch-1 decode speed (a 2-row GEMM replaces the matrix-vector kernel).
     batch_invariant: bool = False
     scheduler: str = "continuous"  # "continuous" | "static"
+    # On a pipeline (stage > 1): "rotate" = decode groups rotate through the stages across steps (every stage busy,
+    # parallel/pipeline.py make_rotation_forward); "gpipe" = each decode step is a GPipe pass (S - 1 idle ticks).
+    pipeline_decode: str = "rotate"
     enable_prefix_caching: bool = True
     # Sliding-window layers keep only their window's pages (config.KVLayout; Gemma 2/3, Mistral). Off: every
     # layer keeps the whole context (what pipeline stages, which split the cache by layer, use).
@@ -579,6 +582,8 @@ class EngineConfig:
             raise InvalidConfigError(f"matmul_impl must be auto, xla or pallas, got {self.matmul_impl!r}")
         if self.scheduler not in ("continuous", "static"):
             raise InvalidConfigError(f"scheduler must be 'continuous' or 'static', got {self.scheduler!r}")
+        if self.pipeline_decode not in ("rotate", "gpipe"):
+            raise InvalidConfigError(f"pipeline_decode must be 'rotate' or 'gpipe', got {self.pipeline_decode!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise InvalidConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("float32", "bfloat16", "int8"):

@@ -111,6 +111,10 @@ def run_layouts(model: str, meshes: list, prompts, max_tokens: int, kw: dict, hl
         diff = max((abs(a - b) for ra, rb in zip(lps, ref_lps) for a, b in zip(ra, rb)), default=0.0)
         entry = {"tokens": toks, "equal": toks == ref_toks, "max_abs_logprob_diff": diff,
                  "seconds": round(time.monotonic() - t, 1)}
+        busy = llm.get_metrics().get("pipeline_stage_busy")
+        if busy is not None:  # a pipeline: how its decode ran (rotating groups or GPipe) and its stages' work
+            entry["rotation"] = _runners(llm)[0].rotation_stages
+            entry["stage_busy"] = round(busy, 3)
         if speculative is not None:
             m = llm.get_metrics()
             entry["spec"] = {k: m.get(k) for k in ("spec_draft_tokens", "spec_accepted_tokens", "spec_verify_steps")}

@@ -58,6 +58,8 @@ def assert_layouts(res: dict, tensor_parallel: tuple = (), tol: float = LOGPROB_
                 (spec, hlo["all_reduce_shapes"])
         if "stage=" in spec and "stage=1" not in spec:
             assert hlo["collectives"]["collective-permute"] > 0, (spec, hlo)  # activations between stages
+            # decode groups rotated through the stages (pipeline_decode="rotate", the default)
+            assert e["rotation"] == int(spec.split("stage=")[1].split(",")[0]), (spec, e)
 
 
 # ------------------------------------------------------------------------------------------ host-only checks

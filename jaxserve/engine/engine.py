@@ -22,7 +22,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.engine.request import Priority, SampledToken, Sequence
 from jaxserve.engine.sampling_inputs import request_token_mask
-from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.scheduler import Scheduler, StepUpdate
 from jaxserve.engine.structured import GrammarCompiler, consume
 from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError
 from jaxserve.sampling_params import SamplingParams
@@ -211,15 +211,26 @@ class LLMEngine:
     def step(self) -> list:
         """Run one scheduled step; return RequestOutputs of requests that changed (finished ones last time)."""
         start, device0 = time.perf_counter(), getattr(self.runner, "device_seconds", 0.0)
-        out = self.scheduler.schedule()
+        sched = self.scheduler
+        if sched.mode == "continuous" and self.speculator is None and not sched.in_flight:
+            sched.rotation = getattr(self.runner, "rotation_stages", 0)  # (a pipeline's runner, once compiled)
+        out = sched.schedule()
         if out is None:
             return []
         t0 = time.monotonic()
-        emitted = self._execute(out)
+        if sched.rotation and out.kind == "decode":  # the groups leaving the pipeline (rows pushed S - 1 calls ago)
+            done = [(o, self._emitted(o, res)) for o, res in
+                    self.runner.rotate(out.bucket[0] if out.bucket else None, (out, out.rows) if out.rows else None)]
+        else:
+            done = [(out, self._execute(out))]
         now = time.monotonic()
-        upd = self.scheduler.update(out, emitted, now, stop_check=self._detokenize)
+        upd = StepUpdate()
+        for o, emitted in done:
+            u = sched.update(o, emitted, now, stop_check=self._detokenize)
+            upd.num_tokens += u.num_tokens
+            upd.finished += u.finished
         self._record(out, upd, now - t0)
-        changed = dict.fromkeys(row.seq.request_id for row in out.rows)
+        changed = dict.fromkeys(row.seq.request_id for o, _ in done for row in o.rows)
         outputs = [self._request_output(self.requests[rid]) for rid in changed if rid in self.requests]
         device = getattr(self.runner, "device_seconds", 0.0) - device0
         self.stats.device_seconds += device
@@ -237,7 +248,12 @@ class LLMEngine:
             for i, (lo, _) in spans.items():
                 out.rows[i].seq.add_prompt_logprobs(lo, *scored[i])
         else:
-            tokens, lps, top_ids, top_lps = self.runner.execute(out.kind, out.rows, out.bucket)
+            return self._emitted(out, self.runner.execute(out.kind, out.rows, out.bucket))
+        return self._emitted(out, (tokens, lps, top_ids, top_lps))
+
+    @staticmethod
+    def _emitted(out, result) -> list:
+        tokens, lps, top_ids, top_lps = result
         return [[SampledToken(int(tokens[i]), float(lps[i]), top_ids[i], top_lps[i])] if row.samples else []
                 for i, row in enumerate(out.rows)]
 
@@ -377,12 +393,18 @@ class LLMEngine:
             "requests_aborted": self.stats.requests_aborted,
             "step_host_seconds": self.stats.host_seconds,
             "step_device_seconds": self.stats.device_seconds,
+            # pipeline stages (stage > 1): stage-ticks with work / all stage-ticks (ModelRunner.stage_ticks)
+            "pipeline_stage_busy": _ratio(getattr(self.runner, "stage_ticks", None)),
             "host_ms_per_step": 1e3 * self.stats.host_seconds / self.stats.steps if self.stats.steps else None,
             "device_ms_per_step": 1e3 * self.stats.device_seconds / self.stats.steps if self.stats.steps else None,
             **_percentiles("ttft_s", self.stats.ttfts),
             **_percentiles("tpot_s", self.stats.tpots),
             **(self.speculator.metrics() if self.speculator is not None else {}),
         }
+
+
+def _ratio(pair):
+    return pair[0] / pair[1] if pair and pair[1] else None
 
 
 def _percentiles(name: str, values) -> dict:

@@ -52,6 +52,9 @@ class Placement:
         self.replicated = NamedSharding(self.mesh, P())
         self.kv_sharding = NamedSharding(self.mesh, self.kv_spec())
         self.forward = forward_step  # models.transformer.forward_step's signature; the pipeline sets its own
+        # A pipeline's decode call with stages on different steps' groups (parallel/pipeline.py
+        # make_rotation_forward); None: no stages to rotate through.
+        self.rotation = None
         # (query heads, KV heads) split over "model" by the attention kernels' shard_map (pallas_kernels/engine.py)
         self.heads_split = (False, False)
 

@@ -324,6 +324,15 @@ class ModelRunner:
         self.supports_prompt_logprobs = placement.forward is forward_step
         self.score_rows = -(-engine_cfg.max_num_batched_tokens // SCORE_CHUNK) * SCORE_CHUNK
         self._scorer = None
+        # Pipelining across steps (`rotate`): {R: (decode call program, sampler)} per decode bucket, each bucket's
+        # carry (the activations between stages), and the groups in the stages 1..S-1 (pushed 1..S-1 calls ago).
+        self._rotation: dict = {}
+        self._rot_carry: dict = {}
+        self._rot_prev: list = [None] * max(placement.p - 1, 0)
+        self._rot_bucket: Optional[int] = None
+        # Pipeline stages' work, [stage-ticks with a (micro-)batch, all stage-ticks], summed over calls: GPipe steps
+        # count n micro-batches of n + S - 1 ticks, rotation calls the stages holding a group.
+        self.stage_ticks = [0, 0]
 
     # -------------------------------------------------------------- step functions
     def forward(self, params, kv, inp: StepInputs, all_logits: bool = False):
@@ -510,10 +519,107 @@ class ModelRunner:
                 scorer = concurrent.futures.ThreadPoolExecutor(1)
                 future = scorer.submit(self.compile_scorer)
         self._programs.update(self.compile(self.logits_step, todo, progress=progress, step_fns=step_fns))
+        if self.placement.rotation is not None and self.cfg.pipeline_decode == "rotate":
+            self.compile_rotation()
         if scorer is not None:
             self._scorer = future.result()
             scorer.shutdown()
         return time.monotonic() - t0
+
+    # -------------------------------------------------------------- pipelining across steps
+    @property
+    def rotation_stages(self) -> int:
+        """S when this runner's decode steps rotate groups through S pipeline stages (`rotate`), else 0: no stages,
+        `pipeline_decode="gpipe"`, not compiled, or a multi-host server (its steps are mirrored one by one)."""
+        return self.placement.p if self._rotation and self.mirror is None else 0
+
+    @property
+    def rotation_in_flight(self) -> bool:
+        return any(e is not None for e in self._rot_prev)
+
+    def compile_rotation(self) -> None:
+        """The pipeline's decode call (`Placement.rotation`) for every decode bucket's group rows, ahead of time."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        pl = self.placement
+        S, D = pl.p, self.model_cfg.hidden_size
+        dtype = jnp.dtype(self.cfg.dtype)
+        carry_sh = NamedSharding(pl.mesh, PartitionSpec("stage"))
+        p_sh = jax.tree.map(lambda a: a.sharding, self.params)
+        kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)
+
+        def call(params, kv, carry, inp):
+            return pl.rotation(self.model_cfg, params, kv, carry, inp, page_size=self.page_size,
+                               block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                               batch_invariant=self.invariance)
+
+        fn = jax.jit(call, donate_argnums=(1, 2), in_shardings=(p_sh, kv_sh, carry_sh, pl.replicated),
+                     out_shardings=(pl.replicated, kv_sh, carry_sh))
+        p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
+
+        def build(R):
+            inp, st = self.abstract_inputs(R, 1)
+            stacked = StepInputs(*(jax.ShapeDtypeStruct((S,) + a.shape, a.dtype) for a in inp))
+            with jax_config.persistent_cache_min_compile_time_secs(0.0):
+                lowered = fn.lower(p_abs, kv_abs, jax.ShapeDtypeStruct((S, R, 1, D), dtype), stacked)
+                prog = lowered.compile()
+            return R, (prog, self._sampler_program(lowered.out_info[0], st))
+
+        rows = [r for r in self.cfg.decode_buckets() if r not in self._rotation]
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(self.cfg.compile_workers, len(rows)))) as ex:
+            for R, progs in ex.map(build, rows):
+                self._rotation[R] = progs
+                self._rot_carry[R] = jax.device_put(np.zeros((S, R, 1, D), dtype), carry_sh)
+
+    def rotate(self, rows: Optional[int], group=None) -> list:
+        """One call of the decode pipeline (`compile_rotation`): `group` = (tag, ScheduledRows) enters stage 0
+        (None: nothing enters, the stages still advance), `rows` its bucket. Returns [(tag, StepResult)] of the
+        group that left the last stage (none while the pipeline fills). A group of another bucket than the ones in
+        flight first drains them (calls with nothing entering), so this may return several."""
+        done = []
+        if rows is not None and rows != self._rot_bucket:
+            while self.rotation_in_flight:
+                done += self._rotate_once(None)
+            self._rot_bucket = rows
+        if self._rot_bucket is None:
+            return done
+        entry = None
+        if group is not None:
+            tag, srows = group
+            R = self._rot_bucket
+            inp = self.step_inputs(R, 1, [(row.seq.all_token_ids[row.start:row.start + 1], row.start, row.tables())
+                                          for row in srows])
+            entry = (tag, inp, self._sampling_arrays(srows, R), len(srows))
+        if entry is None and not self.rotation_in_flight:
+            return done
+        return done + self._rotate_once(entry)
+
+    def _rotate_once(self, entry) -> list:
+        R = self._rot_bucket
+        prog, sampler = self._rotation[R]
+        stages = [entry] + self._rot_prev  # stage s runs the group pushed s calls ago
+        empty = None
+        if any(e is None for e in stages):
+            empty = self.step_inputs(R, 1, [])
+        stacked = StepInputs(*(np.stack([(e[1] if e is not None else empty)[i] for e in stages])
+                               for i in range(len(StepInputs._fields))))
+        before = compile_count()
+        t0 = time.perf_counter()
+        logits, self.kv, self._rot_carry[R] = prog(self.params, self.kv, self._rot_carry[R], stacked)
+        leaving, self._rot_prev = stages[-1], stages[:-1]
+        self.stage_ticks[0] += sum(e is not None for e in stages)
+        self.stage_ticks[1] += len(stages)
+        done = []
+        if leaving is not None:
+            tag, _, sampling, n = leaving
+            res = sampler(logits, sampling)
+            out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
+            done.append((tag, StepResult(*(a[:n] for a in out))))
+        self.device_seconds += time.perf_counter() - t0
+        if compile_count() != before:
+            raise CompileWhileServingError("an XLA compilation happened while serving")
+        return done
 
     # -------------------------------------------------------------- one step
     def run(self, programs: dict, bucket: tuple, inputs: StepInputs, sampling: SamplingTensors,
@@ -533,6 +639,13 @@ class ModelRunner:
             index = next(i for i, p in enumerate(self._program_sets) if p is programs)
             self.mirror(index, bucket, inputs, sampling, num_rows, spans)
         placed = self.place_inputs((inputs, sampling))
+        S = self.placement.p
+        if S > 1:
+            from jaxserve.parallel.pipeline import num_micro_batches
+
+            n = num_micro_batches(bucket[0], S)
+            self.stage_ticks[0] += n * S
+            self.stage_ticks[1] += (n + S - 1) * S
         before = compile_count()
         t0 = time.perf_counter()
         res, self.kv = prog(self.params, self.kv, *placed)

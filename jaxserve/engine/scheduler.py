@@ -12,6 +12,10 @@ engine also gets `num_lookahead_slots` extra slots for the drafts a verify step 
 block table; after the step, `update` commits the emitted tokens to their sequences, registers the computed
 pages in the prefix cache, finishes sequences (stop tokens, length) and frees their pages.
 
+On a pipeline whose runner rotates decode groups through S stages (`rotation`, parallel/pipeline.py), a decode
+step sends one group of ~1/S of the decoding sequences into the pipeline and commits the group that left it
+(scheduled S - 1 steps earlier); up to S decode steps run per prefill step.
+
 `mode="static"` is the classic baseline: admit a batch only when nothing is running, run it to completion.
 Like a static-batching engine's fixed batch tensor (HF `generate`), the batch keeps its decode bucket until its
 last sequence finishes: finished rows are padding, their slots are not reused.
@@ -99,6 +103,13 @@ class Scheduler:
         self._static_batch = 0  # static mode: sequences admitted into the current batch
         self._static_open = True  # static mode: the current batch still admits (nothing decoded yet)
         self._static_candidates: set = set()  # static mode: requests waiting when the batch opened
+        # Pipelining across steps (set by the engine when its runner rotates decode groups through S pipeline
+        # stages): a decode step schedules one group of about 1/S of the decoding sequences, whose tokens come back
+        # S - 1 steps later; until then its sequences are `in_flight` (not scheduled, never preempted; an abort
+        # frees their pages only when they leave the pipeline, whose later stages still write them).
+        self.rotation = 0
+        self.in_flight: dict = {}  # seq_id -> Sequence
+        self._calls_since_prefill = 1 << 30
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -106,7 +117,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.in_flight)
 
     def num_waiting(self, priority: Optional[Priority] = None) -> int:
         if priority is None:
@@ -117,7 +128,10 @@ class Scheduler:
         """Remove a request's sequences from both queues and free their pages at once."""
         hit = [s for s in self.waiting + self.running if s.request_id == request_id]
         for s in hit:
-            self._remove(s)
+            if s.seq_id in self.in_flight:  # its pages stay until it leaves the pipeline (`update` frees them)
+                self.running.remove(s)
+            else:
+                self._remove(s)
         return hit
 
     def _remove(self, seq: Sequence) -> None:
@@ -170,15 +184,21 @@ class Scheduler:
                 self._static_open = False
                 out = self._schedule_decode(preempted)
         else:
-            if not (self._last_kind == "prefill" and decodes):
+            # Rotating decode groups: up to S decode calls per prefill step (one call advances 1/S of the decodes).
+            decode_first = (self._calls_since_prefill < self.rotation if self.rotation
+                            else self._last_kind == "prefill")
+            if not (decode_first and decodes):
                 out = self._schedule_prefill(preempted)
             if out is None and decodes:
                 out = self._schedule_decode(preempted)
+            if out is None and self.in_flight:  # every decode is in the pipeline: advance it, nothing enters
+                out = SchedulerOutput("decode", [], None)
             if out is None:
                 out = self._schedule_prefill(preempted)
         if out is not None:
             out.preempted = preempted
             self._last_kind = out.kind
+            self._calls_since_prefill = 0 if out.kind == "prefill" else self._calls_since_prefill + 1
             if out.kind == "decode" and self.num_lookahead_slots:
                 self._reserve_lookahead(out.rows)
             for row in out.rows:
@@ -268,7 +288,8 @@ class Scheduler:
         if seq.priority != Priority.INTERACTIVE or self.mode != "continuous":
             return False
         scheduled = {r.seq for r in rows}
-        batch_running = [s for s in self.running if s.priority == Priority.BATCH and s not in scheduled and s is not seq]
+        batch_running = [s for s in self.running if s.priority == Priority.BATCH and s not in scheduled
+                         and s is not seq and s.seq_id not in self.in_flight]
         if not batch_running:
             return False
         victim = max(batch_running, key=lambda s: (s.metrics.arrival, s.seq_id))
@@ -277,18 +298,24 @@ class Scheduler:
 
     def _schedule_decode(self, preempted: list) -> Optional[SchedulerOutput]:
         rows: list = []
-        scheduled: set = set()
-        order = sorted((s for s in self.running if not s.in_prefill),
+        scheduled: set = set(self.in_flight.values())  # (never preempted: their pages are still being written)
+        order = sorted((s for s in self.running if not s.in_prefill and s.seq_id not in self.in_flight),
                        key=lambda s: (int(s.priority), s.metrics.arrival, s.seq_id))
-        for seq in order[: self.cfg.max_num_seqs]:
+        cap = self.cfg.max_num_seqs
+        if self.rotation:  # one group of ~1/S of the decoding sequences; every group in flight shares its bucket
+            decoding = sum(1 for s in self.running if not s.in_prefill)
+            cap = min(cap, -(-decoding // self.rotation))
+        for seq in order[:cap]:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             while not self.bm.ensure_capacity(seq.seq_id, seq.num_tokens):
                 victim = self._pick_victim(exclude=scheduled)
+                if victim is None:
+                    break
                 self._preempt(victim, preempted)
                 if victim is seq:
                     break
-            if seq.status is Status.RUNNING:
+            if seq.status is Status.RUNNING and self.bm.ensure_capacity(seq.seq_id, seq.num_tokens):
                 rows.append(ScheduledRow(seq, seq.num_computed_tokens, 1))
                 scheduled.add(seq)
         if not rows:
@@ -296,6 +323,10 @@ class Scheduler:
         width = len(rows)
         if self.mode == "static":  # the batch holds its slots until its last sequence finishes
             width = min(max(width, self._static_batch), self.decode_ladder[-1])
+        if self.rotation:
+            width = cap
+            for row in rows:
+                self.in_flight[row.seq.seq_id] = row.seq
         return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1))
 
     # ---------------------------------------------------------------- after the step
@@ -313,6 +344,9 @@ class Scheduler:
         res = StepUpdate()
         for row, toks in zip(out.rows, emitted):
             seq = row.seq
+            if self.in_flight.pop(seq.seq_id, None) is not None and seq.finished:
+                self.bm.free(seq.seq_id)  # aborted while in the pipeline
+                continue
             n = 0
             for t in toks:
                 if seq.finished:

@@ -274,7 +274,7 @@ class DataParallelEngine:
 
         per = [e.metrics() for e in self.replicas]
         out = {}
-        per_step = ("host_ms_per_step", "device_ms_per_step")
+        per_step = ("host_ms_per_step", "device_ms_per_step", "pipeline_stage_busy")
         for k, v in per[0].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in per_step:  # ratios, percentiles:
                 out[k] = sum(m[k] for m in per)  # replaced below
@@ -287,6 +287,9 @@ class DataParallelEngine:
         out["prefix_hit_rate"] = sum(rates) / len(rates) if rates else None
         out.update(_percentiles("ttft_s", [x for e in self.replicas for x in e.stats.ttfts]))
         out.update(_percentiles("tpot_s", [x for e in self.replicas for x in e.stats.tpots]))
+        ticks = [getattr(e.runner, "stage_ticks", [0, 0]) for e in self.replicas]
+        total = sum(t[1] for t in ticks)
+        out["pipeline_stage_busy"] = sum(t[0] for t in ticks) / total if total else None
         out["routed_by_prefix"] = self.routed_by_prefix
         out["replicas"] = per
         return out

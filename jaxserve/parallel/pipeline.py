@@ -15,6 +15,13 @@ positions, block tables and slots), so the scheduler may change the batch compos
 A tick where a stage has no micro-batch (warm-up / drain of the pipeline) runs on a clamped micro-batch with
 every KV write redirected to the null page (slot 0, the page padding tokens already write to) and its output
 discarded, so it changes no state.
+
+Across steps (decode, `EngineConfig.pipeline_decode="rotate"`, the default). GPipe leaves every stage idle S - 1
+of its n + S - 1 ticks in every step (at most S / (2S - 1) busy). `make_rotation_forward` instead runs one tick
+per call with the stages on different groups of decoding sequences: the scheduler sends a group of ~1/S of them
+into stage 0, each stage runs what the stage before it produced in the previous call (a carry on device), and the
+group leaving the last stage is sampled; its sequences are "in flight" until then (engine/scheduler.py). With S
+groups every stage is busy on every call. Prefill steps stay GPipe passes.
 """
 
 from __future__ import annotations
@@ -101,3 +108,47 @@ def make_pipeline_forward(cfg: ModelConfig, mesh):
         return lm_head(cfg, params, x_last, inv), {"k": kc, "v": vc}
 
     return forward
+
+
+def make_rotation_forward(cfg: ModelConfig, mesh):
+    """One decode call of a pipeline whose stages work on different steps' groups (pipelining across steps).
+
+    The running sequences are split into groups that rotate through the stages: every call, stage 0 takes a new
+    group's tokens, stage s > 0 runs the activation stage s - 1 produced in the previous call (the `carry`), and
+    the group leaving stage S - 1 gets its logits. With S groups in flight every stage works on every call (no
+    bubble), while GPipe inside one step keeps S - 1 of its n + S - 1 ticks idle per stage.
+
+    Returns `rotate(cfg, params, kv, carry, inp, *, page_size, block_pages, attention_fn, batch_invariant)` ->
+    (logits f32[mb, V] of the group leaving the last stage, kv, carry). `carry`: [S, mb, 1, D] split over
+    "stage" (stage s's input for the next call). `inp`: StepInputs with a leading [S] axis, inp[s] the group
+    stage s runs now (inp[0].tokens its new tokens); an empty stage's rows write the null page only."""
+    S = int(mesh.shape["stage"])
+    Ls = cfg.num_layers // S
+
+    def rotate(cfg_, params, kv, carry, inp: StepInputs, *, page_size, block_pages, attention_fn=None,
+               batch_invariant=False):
+        x0 = embed_tokens(cfg, params, inp.tokens[0])  # [mb, 1, D]
+        windows = jnp.asarray(np.asarray(cfg.layer_windows(), np.int32))
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+
+        def stage_body(lparams, kc, vc, win, freq, x0, carry, inp):
+            s = lax.axis_index("stage")
+            rows = StepInputs(*(a[0] for a in inp))  # this stage's group
+            h = jnp.where(s == 0, x0, carry[0].astype(x0.dtype))
+            y, kc, vc = decoder_layers(cfg, lparams, h, kc, vc, rows, win, freq, jnp.arange(Ls, dtype=jnp.int32),
+                                       page_size=page_size, block_pages=block_pages, attention_fn=attention_fn,
+                                       batch_invariant=batch_invariant)
+            out = lax.psum(jnp.where(s == S - 1, y, jnp.zeros_like(y)), "stage")
+            nxt = lax.ppermute(y, "stage", [(i, i + 1) for i in range(S - 1)])
+            return out, kc, vc, nxt[None].astype(carry.dtype)
+
+        rep, st = P(), P("stage")
+        lp_specs = jax.tree.map(lambda _: st, params["layers"])
+        run = jax.shard_map(
+            stage_body, mesh=mesh, axis_names=frozenset({"stage"}),
+            in_specs=(lp_specs, st, st, st, st, rep, st, StepInputs(*([st] * len(inp)))),
+            out_specs=(rep, st, st, st), check_vma=False)
+        out, kc, vc, carry = run(params["layers"], kv["k"], kv["v"], windows, inv_freq, x0, carry, inp)
+        return lm_head(cfg, params, out[:, 0], batch_invariant), {"k": kc, "v": vc}, carry
+
+    return rotate

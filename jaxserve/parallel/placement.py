@@ -12,7 +12,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine.placement import Placement
 from jaxserve.models.quantized import is_quantized
 from jaxserve.parallel import rules
-from jaxserve.parallel.pipeline import make_pipeline_forward
+from jaxserve.parallel.pipeline import make_pipeline_forward, make_rotation_forward
 
 log = logging.getLogger("jaxserve")
 
@@ -29,6 +29,7 @@ class ShardedPlacement(Placement):
         self.heads_split = (q_ok and self.t > 1, kv_ok and self.t > 1)
         if self.p > 1:
             self.forward = make_pipeline_forward(model_cfg, mesh)
+            self.rotation = make_rotation_forward(model_cfg, mesh)
         log.info("jaxserve mesh %s: %s", dict(mesh.shape), rules.describe(model_cfg, self.t))
 
     def param_specs(self, params) -> dict:

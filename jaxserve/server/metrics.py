@@ -39,6 +39,9 @@ class _EngineCollector:
         ]
         for name, doc, key in gauges:
             yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0.0))
+        if s.get("pipeline_stage_busy") is not None:  # a pipeline over stages
+            yield GaugeMetricFamily("jaxserve_pipeline_stage_busy_ratio", "Pipeline stage-ticks with work / all "
+                                    "stage-ticks (rotating decode groups keep it near 1)", value=s["pipeline_stage_busy"])
         if "spec_method" in s:  # speculative decoding is on (docs/speculative.md)
             for name, doc, key in [
                 ("jaxserve_spec_acceptance_rate", "Accepted draft tokens / drafted tokens", "spec_acceptance_rate"),
