@@ -6,7 +6,8 @@ Builds a replica exactly as `LLM(..., mesh=...)` does (random tiny-gemma3 / tiny
 host CPU devices), then swaps in what the runner would use on the target platform: the attention_fn for
 `attention_impl="pallas"` and the quantized weights bound to `matmul_impl="pallas"` (both under shard_map), and
 `jax.export`s `runner.sample_step` (forward + sampling, the KV cache donated) for every bucket kind (a decode and a
-prefill bucket) with the placement's shardings. Prints one JSON line: per bucket, the custom-call targets
+prefill bucket) with the placement's shardings, and on a pipeline the rotating decode call (`rotation_step`,
+named "rotate<R>x1"). Prints one JSON line: per bucket, the custom-call targets
 found in the exported module, the number of devices it was lowered for, and the sizes of the shard_map bodies.
 """
 
@@ -79,14 +80,19 @@ def main(argv=None) -> int:
     checks = [jax.export.DisabledSafetyCheck.custom_call(MARK["cuda"])] if args.platform == "cuda" else []
     out = {"platform": args.platform, "mesh": spec, "quant": args.quant, "kv": args.kv, "buckets": {}}
     buckets = [b for b in runner.buckets() if b[1] == 1][-1:] + [b for b in runner.buckets() if b[1] > 1][-1:]
-    for bucket in buckets:
-        inp, st = runner.abstract_inputs(*bucket)
-        exp = jax.export.export(step, platforms=(args.platform,), disabled_checks=checks)(params, kv, inp, st)
+    programs = [(f"{b[0]}x{b[1]}", step, runner.abstract_inputs(*b)) for b in buckets]
+    if placement.p > 1:  # a pipeline's decode call with the stages on different groups (ModelRunner.rotation_step)
+        R = buckets[0][0]
+        carry, stacked = runner.rotation_inputs(R)
+        carry = jax.ShapeDtypeStruct(carry.shape, carry.dtype, sharding=placement.stage_sharding)
+        programs.append((f"rotate{R}x1", runner.rotation_step(params, kv), (carry, stacked)))
+    for name, fn, args_ in programs:
+        exp = jax.export.export(fn, platforms=(args.platform,), disabled_checks=checks)(params, kv, *args_)
         text = exp.mlir_module()
         if os.environ.get("MESH_EXPORT_DUMP"):
-            open(os.environ["MESH_EXPORT_DUMP"] + f".{bucket[0]}x{bucket[1]}.mlir", "w").write(text)
+            open(os.environ["MESH_EXPORT_DUMP"] + f".{name}.mlir", "w").write(text)
         targets = sorted(set(re.findall(r"custom_call @([\w$.]+)", text)))
-        out["buckets"][f"{bucket[0]}x{bucket[1]}"] = {
+        out["buckets"][name] = {
             "custom_call_targets": targets,
             "kernel_calls": text.count(MARK[args.platform]),
             "kernels": sorted(set(re.findall(r"jaxserve_(?:paged_decode|ragged_prefill|qmm_int\d)_(?:tpu|gpu)", text))),

@@ -95,8 +95,8 @@ def run_export(*args) -> dict:
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("mesh,quant,kv", [("model=2", "int8", "int8"), ("stage=2,model=2", "int4", "bfloat16")])
 def test_whole_sharded_step_exports(platform, mesh, quant, kv):
-    """jax.export of the engine's complete decode and prefill step on a mesh, for the accelerator: the kernels'
-    custom calls are in the module (attention: paged decode / ragged prefill; the quantized matmuls), none of the
+    """jax.export of the engine's complete decode and prefill step on a mesh (and a pipeline's rotating decode
+    call), for the accelerator: the kernels' custom calls are in the module (attention: paged decode / ragged prefill; the quantized matmuls), none of the
     other platform's, lowered for the mesh's device count."""
     res = run_export("--platform", platform, "--mesh", mesh, "--quant", quant, "--kv", kv)
     fam = "tpu" if platform == "tpu" else "gpu"
@@ -104,6 +104,7 @@ def test_whole_sharded_step_exports(platform, mesh, quant, kv):
     decode = [b for b in res["buckets"] if b.endswith("x1")]
     prefill = [b for b in res["buckets"] if not b.endswith("x1")]
     assert decode and prefill, res
+    assert any(b.startswith("rotate") for b in decode) == ("stage=" in mesh), res  # the pipeline's decode call
     for b, e in res["buckets"].items():
         assert MARK[platform] in e["custom_call_targets"], (b, e)
         assert e["other_platform_kernels"] == 0 and e["nr_devices"] == n, (b, e)

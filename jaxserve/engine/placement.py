@@ -55,6 +55,7 @@ class Placement:
         # A pipeline's decode call with stages on different steps' groups (parallel/pipeline.py
         # make_rotation_forward); None: no stages to rotate through.
         self.rotation = None
+        self.stage_sharding = NamedSharding(self.mesh, P("stage"))  # (the pipeline's carry between calls)
         # (query heads, KV heads) split over "model" by the attention kernels' shard_map (pallas_kernels/engine.py)
         self.heads_split = (False, False)
 

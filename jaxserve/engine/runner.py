@@ -539,30 +539,18 @@ class ModelRunner:
 
     def compile_rotation(self) -> None:
         """The pipeline's decode call (`Placement.rotation`) for every decode bucket's group rows, ahead of time."""
-        from jax.sharding import NamedSharding, PartitionSpec
-
         pl = self.placement
         S, D = pl.p, self.model_cfg.hidden_size
         dtype = jnp.dtype(self.cfg.dtype)
-        carry_sh = NamedSharding(pl.mesh, PartitionSpec("stage"))
-        p_sh = jax.tree.map(lambda a: a.sharding, self.params)
-        kv_sh = jax.tree.map(lambda a: a.sharding, self.kv)
-
-        def call(params, kv, carry, inp):
-            return pl.rotation(self.model_cfg, params, kv, carry, inp, page_size=self.page_size,
-                               block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
-                               batch_invariant=self.invariance)
-
-        fn = jax.jit(call, donate_argnums=(1, 2), in_shardings=(p_sh, kv_sh, carry_sh, pl.replicated),
-                     out_shardings=(pl.replicated, kv_sh, carry_sh))
+        fn = self.rotation_step(self.params, self.kv)
         p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
+        carry_sh = pl.stage_sharding
 
         def build(R):
             inp, st = self.abstract_inputs(R, 1)
-            stacked = StepInputs(*(jax.ShapeDtypeStruct((S,) + a.shape, a.dtype) for a in inp))
             with jax_config.persistent_cache_min_compile_time_secs(0.0):
-                lowered = fn.lower(p_abs, kv_abs, jax.ShapeDtypeStruct((S, R, 1, D), dtype), stacked)
+                lowered = fn.lower(p_abs, kv_abs, *self.rotation_inputs(R))
                 prog = lowered.compile()
             return R, (prog, self._sampler_program(lowered.out_info[0], st))
 
@@ -571,6 +559,29 @@ class ModelRunner:
             for R, progs in ex.map(build, rows):
                 self._rotation[R] = progs
                 self._rot_carry[R] = jax.device_put(np.zeros((S, R, 1, D), dtype), carry_sh)
+
+    def rotation_step(self, params, kv):
+        """The decode pipeline's call `(params, kv, carry, stacked StepInputs) -> (logits, kv, carry)` under jit
+        with the shardings `params` and `kv` carry (arrays, or ShapeDtypeStructs with shardings: tests/mesh_export.py
+        exports it for TPU / GPU), KV and carry donated."""
+        pl = self.placement
+
+        def call(params, kv, carry, inp):
+            return pl.rotation(self.model_cfg, params, kv, carry, inp, page_size=self.page_size,
+                               block_pages=self.cfg.attn_block_pages, attention_fn=self.attention_fn,
+                               batch_invariant=self.invariance)
+
+        p_sh = jax.tree.map(lambda a: a.sharding, params)
+        kv_sh = jax.tree.map(lambda a: a.sharding, kv)
+        return jax.jit(call, donate_argnums=(1, 2), in_shardings=(p_sh, kv_sh, pl.stage_sharding, pl.replicated),
+                       out_shardings=(pl.replicated, kv_sh, pl.stage_sharding))
+
+    def rotation_inputs(self, R: int) -> tuple:
+        """Shapes of a decode pipeline call's carry [S, R, 1, D] and stacked inputs ([S] x an (R, 1) step's)."""
+        S = self.placement.p
+        inp, _ = self.abstract_inputs(R, 1)
+        carry = jax.ShapeDtypeStruct((S, R, 1, self.model_cfg.hidden_size), jnp.dtype(self.cfg.dtype))
+        return carry, StepInputs(*(jax.ShapeDtypeStruct((S,) + a.shape, a.dtype) for a in inp))
 
     def rotate(self, rows: Optional[int], group=None) -> list:
         """One call of the decode pipeline (`compile_rotation`): `group` = (tag, ScheduledRows) enters stage 0
