@@ -368,6 +368,19 @@ def test_rotating_pipeline_gives_the_same_tokens(stages, pages):
         assert busy > 0.75, runner.busy
 
 
+def test_fewer_decodes_than_stages_decode_in_one_step():
+    """One sequence cannot keep two stages busy (its tokens depend on each other): it decodes in plain steps, not
+    in S rotation calls per token; a second sequence starts the rotation."""
+    eng, runner = make_engine(2, num_pages=200)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eng.add_request([5, 6, 7], sp)
+    drain(eng)
+    assert runner.busy == [] and [k for k, _ in runner.steps] == ["prefill"] + ["decode"] * 5
+    ids = [eng.add_request([5 + i, 6, 7], sp) for i in range(2)]
+    fin = drain(eng)
+    assert set(fin) == set(ids) and runner.busy and max(runner.busy) == 2
+
+
 def test_abort_in_flight_frees_pages_when_the_group_leaves():
     eng, runner = make_engine(3, num_pages=200, max_num_seqs=4)
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

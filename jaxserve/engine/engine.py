@@ -218,7 +218,7 @@ class LLMEngine:
         if out is None:
             return []
         t0 = time.monotonic()
-        if sched.rotation and out.kind == "decode":  # the groups leaving the pipeline (rows pushed S - 1 calls ago)
+        if out.rotate:  # the groups leaving the pipeline (rows pushed S - 1 calls ago)
             done = [(o, self._emitted(o, res)) for o, res in
                     self.runner.rotate(out.bucket[0] if out.bucket else None, (out, out.rows) if out.rows else None)]
         else:

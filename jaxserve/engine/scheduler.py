@@ -56,6 +56,7 @@ class SchedulerOutput:
     rows: list
     bucket: tuple  # (R, Q) program shape
     preempted: list = field(default_factory=list)
+    rotate: bool = False  # a decode group entering the pipeline (None bucket: nothing enters, it only advances)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class Scheduler:
             if out is None and decodes:
                 out = self._schedule_decode(preempted)
             if out is None and self.in_flight:  # every decode is in the pipeline: advance it, nothing enters
-                out = SchedulerOutput("decode", [], None)
+                out = SchedulerOutput("decode", [], None, rotate=True)
             if out is None:
                 out = self._schedule_prefill(preempted)
         if out is not None:
@@ -302,8 +303,12 @@ class Scheduler:
         order = sorted((s for s in self.running if not s.in_prefill and s.seq_id not in self.in_flight),
                        key=lambda s: (int(s.priority), s.metrics.arrival, s.seq_id))
         cap = self.cfg.max_num_seqs
-        if self.rotation:  # one group of ~1/S of the decoding sequences; every group in flight shares its bucket
-            decoding = sum(1 for s in self.running if not s.in_prefill)
+        decoding = sum(1 for s in self.running if not s.in_prefill)
+        # One group of ~1/S of the decoding sequences; every group in flight shares its bucket. Fewer decoding
+        # sequences than stages cannot keep them busy (a sequence's tokens depend on each other): one GPipe step
+        # then gives the same stage use in one call instead of S.
+        rotate = bool(self.rotation) and (decoding >= self.rotation or bool(self.in_flight))
+        if rotate:
             cap = min(cap, -(-decoding // self.rotation))
         for seq in order[:cap]:
             if seq.status is not Status.RUNNING:
@@ -323,11 +328,11 @@ class Scheduler:
         width = len(rows)
         if self.mode == "static":  # the batch holds its slots until its last sequence finishes
             width = min(max(width, self._static_batch), self.decode_ladder[-1])
-        if self.rotation:
+        if rotate:
             width = cap
             for row in rows:
                 self.in_flight[row.seq.seq_id] = row.seq
-        return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1))
+        return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1), rotate=rotate)
 
     # ---------------------------------------------------------------- after the step
     def update(self, out: SchedulerOutput, emitted: list, now: float,
