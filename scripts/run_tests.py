@@ -156,7 +156,7 @@ LAST_SECONDS = {
     "test_bf16": 189, "test_prompt_logprobs": 186, "test_pallas_prefill": 146, "test_engine": 126,
     "test_no_torch": 126, "test_weights": 116, "test_sampling": 114, "test_families": 111,
     "test_families_gguf": 251, "test_kv_reclaim": 200,
-    "test_batch_job": 100, "test_spmd_serving": 460,
+    "test_batch_job": 100, "test_spmd_serving": 620, "test_spmd_channel": 200,
     "test_lm_eval_real": 95, "test_eval_quality": 91, "test_speculative": 89, "test_pallas_decode": 83,
     "test_moe": 78, "test_multihost": 78, "test_structured": 70, "test_tokenizer": 66,
 }

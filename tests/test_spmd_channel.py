@@ -127,3 +127,24 @@ def test_silent_follower_fails_the_group(pair):
         lead.close()
     assert leader.engine.runner.mirror is None
     assert not leader.engine.has_unfinished_requests()
+
+
+def test_pipeline_rotation_calls_are_mirrored():
+    """stage=2 engines on devices 0-1 (leader) and 2-3 (follower) of a 4-device subprocess: the rotating decode
+    calls go through the stream too (program set -1), the follower's KV cache ends bit-identical (sabotage: a
+    follower skipping them differs) and the leader's tokens equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, os.path.join(root, "tests", "spmd_rotation_check.py")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["rotation_stages"] == 2 and res["stage_ticks"][0] > 0
+    assert res["follower_rc"] == 0 and res["followed"] == res["steps"] > 10
+    assert res["kv_identical"] and res["tokens_equal_one_device"], res

@@ -395,6 +395,7 @@ class LLMEngine:
             "step_device_seconds": self.stats.device_seconds,
             # pipeline stages (stage > 1): stage-ticks with work / all stage-ticks (ModelRunner.stage_ticks)
             "pipeline_stage_busy": _ratio(getattr(self.runner, "stage_ticks", None)),
+            "pipeline_rotation_calls": getattr(self.runner, "rotation_calls", 0),
             "host_ms_per_step": 1e3 * self.stats.host_seconds / self.stats.steps if self.stats.steps else None,
             "device_ms_per_step": 1e3 * self.stats.device_seconds / self.stats.steps if self.stats.steps else None,
             **_percentiles("ttft_s", self.stats.ttfts),

@@ -333,6 +333,7 @@ class ModelRunner:
         # Pipeline stages' work, [stage-ticks with a (micro-)batch, all stage-ticks], summed over calls: GPipe steps
         # count n micro-batches of n + S - 1 ticks, rotation calls the stages holding a group.
         self.stage_ticks = [0, 0]
+        self.rotation_calls = 0
 
     # -------------------------------------------------------------- step functions
     def forward(self, params, kv, inp: StepInputs, all_logits: bool = False):
@@ -530,8 +531,8 @@ class ModelRunner:
     @property
     def rotation_stages(self) -> int:
         """S when this runner's decode steps rotate groups through S pipeline stages (`rotate`), else 0: no stages,
-        `pipeline_decode="gpipe"`, not compiled, or a multi-host server (its steps are mirrored one by one)."""
-        return self.placement.p if self._rotation and self.mirror is None else 0
+        `pipeline_decode="gpipe"`, or not compiled."""
+        return self.placement.p if self._rotation else 0
 
     @property
     def rotation_in_flight(self) -> bool:
@@ -558,7 +559,8 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(self.cfg.compile_workers, len(rows)))) as ex:
             for R, progs in ex.map(build, rows):
                 self._rotation[R] = progs
-                self._rot_carry[R] = jax.device_put(np.zeros((S, R, 1, D), dtype), carry_sh)
+                zeros = np.zeros((S, R, 1, D), dtype)  # (built from every process's copy across processes)
+                self._rot_carry[R] = jax.make_array_from_callback(zeros.shape, carry_sh, lambda idx: zeros[idx])
 
     def rotation_step(self, params, kv):
         """The decode pipeline's call `(params, kv, carry, stacked StepInputs) -> (logits, kv, carry)` under jit
@@ -615,22 +617,35 @@ class ModelRunner:
             empty = self.step_inputs(R, 1, [])
         stacked = StepInputs(*(np.stack([(e[1] if e is not None else empty)[i] for e in stages])
                                for i in range(len(StepInputs._fields))))
-        before = compile_count()
-        t0 = time.perf_counter()
-        logits, self.kv, self._rot_carry[R] = prog(self.params, self.kv, self._rot_carry[R], stacked)
         leaving, self._rot_prev = stages[-1], stages[:-1]
         self.stage_ticks[0] += sum(e is not None for e in stages)
         self.stage_ticks[1] += len(stages)
-        done = []
-        if leaving is not None:
-            tag, _, sampling, n = leaving
-            res = sampler(logits, sampling)
+        if leaving is None:
+            self._rotation_call(R, stacked, None, 0)
+            return []
+        tag, _, sampling, n = leaving
+        return [(tag, self._rotation_call(R, stacked, sampling, n))]
+
+    def _rotation_call(self, R: int, stacked: StepInputs, sampling: Optional[SamplingTensors], n: int):
+        """Run the decode pipeline's program on stacked host inputs, and the sampler on the logits of the group
+        leaving (its SamplingTensors; None: no group leaves). Mirrored like `_run` (program set -1)."""
+        if self.mirror is not None:
+            self.mirror(-1, (R, 1), stacked, sampling, n, None)
+        prog, sampler = self._rotation[R]
+        self.rotation_calls += 1
+        placed, placed_st = self.place_inputs((stacked, sampling))
+        before = compile_count()
+        t0 = time.perf_counter()
+        logits, self.kv, self._rot_carry[R] = prog(self.params, self.kv, self._rot_carry[R], placed)
+        result = None
+        if sampling is not None:
+            res = sampler(logits, placed_st)
             out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
-            done.append((tag, StepResult(*(a[:n] for a in out))))
+            result = StepResult(*(a[:n] for a in out))
         self.device_seconds += time.perf_counter() - t0
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")
-        return done
+        return result
 
     # -------------------------------------------------------------- one step
     def run(self, programs: dict, bucket: tuple, inputs: StepInputs, sampling: SamplingTensors,
@@ -678,6 +693,9 @@ class ModelRunner:
                     num_rows: int, spans: Optional[dict] = None) -> None:
         """Run a step process 0 mirrored (`mirror`): the same programs on the same host inputs, so this process's
         devices take part in the step's collectives and its KV shards stay in step; the results are dropped."""
+        if program_set == -1:  # a pipeline's rotating decode call (`_rotation_call`)
+            self._rotation_call(bucket[0], inputs, sampling, num_rows)
+            return
         self._run(self._program_sets[program_set], tuple(bucket), inputs, sampling, num_rows, spans)
 
     def _score_spans(self, hidden, spans: dict) -> dict:

@@ -6,7 +6,8 @@ everywhere (HTTP arrives at one host, and scheduling depends on arrival times an
 
 - process 0 owns HTTP, tokenization, the scheduler and the block manager. Its runner's `mirror` sends each
   step's host inputs (which program set and bucket, StepInputs, SamplingTensors, rows, prompt-logprob spans;
-  pickled, zlib-compressed) through the jax.distributed key-value store before running it;
+  pickled, zlib-compressed) through the jax.distributed key-value store before running it (a pipeline's rotating
+  decode calls as program set -1: the stages' stacked inputs, and the sampling tensors when a group leaves);
 - every other process builds the same engine (so it compiled the same programs), then `follow`s: it reads
   step n, runs `runner.follow_step` (the same programs, its devices' shards of the KV cache kept in step) and
   drops the results. It heartbeats through the key-value store from a thread of its own.

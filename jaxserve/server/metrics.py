@@ -42,6 +42,8 @@ class _EngineCollector:
         if s.get("pipeline_stage_busy") is not None:  # a pipeline over stages
             yield GaugeMetricFamily("jaxserve_pipeline_stage_busy_ratio", "Pipeline stage-ticks with work / all "
                                     "stage-ticks (rotating decode groups keep it near 1)", value=s["pipeline_stage_busy"])
+            yield CounterMetricFamily("jaxserve_pipeline_rotation_calls", "Decode pipeline calls with the stages on "
+                                      "different groups", value=float(s.get("pipeline_rotation_calls") or 0))
         if "spec_method" in s:  # speculative decoding is on (docs/speculative.md)
             for name, doc, key in [
                 ("jaxserve_spec_acceptance_rate", "Accepted draft tokens / drafted tokens", "spec_acceptance_rate"),
