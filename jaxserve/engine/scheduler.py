@@ -185,10 +185,9 @@ class Scheduler:
                 self._static_open = False
                 out = self._schedule_decode(preempted)
         else:
-            # Rotating decode groups: up to S decode calls per prefill step (one call advances 1/S of the decodes).
-            decode_first = (self._calls_since_prefill < self.rotation if self.rotation
-                            else self._last_kind == "prefill")
-            if not (decode_first and decodes):
+            # One decode step per prefill step; rotating decode groups: up to S (a call advances 1/S of the decodes).
+            rotating = self.rotation and (self.in_flight or len(decodes) >= self.rotation)
+            if not (self._calls_since_prefill < (self.rotation if rotating else 1) and decodes):
                 out = self._schedule_prefill(preempted)
             if out is None and decodes:
                 out = self._schedule_decode(preempted)
