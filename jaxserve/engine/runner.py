@@ -642,6 +642,12 @@ class ModelRunner:
             res = sampler(logits, placed_st)
             out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
             result = StepResult(*(a[:n] for a in out))
+        elif self.mirror is not None:
+            # Multi-host: the step stream deletes call n's message when it sends n + 1, which is safe once every
+            # follower has read it; this call's collectives (the stages span the processes) prove that when it
+            # finishes. A call nobody leaves returns nothing to wait for, so wait here (else process 0 runs ahead,
+            # deletes a message a follower has not read yet, and the group hangs).
+            logits.block_until_ready()
         self.device_seconds += time.perf_counter() - t0
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")
