@@ -74,6 +74,11 @@ class Placement:
         """The PartitionSpec of a KV cache array [L, slots, Hkv, hd] (per-token scales take its first three)."""
         return P()
 
+    def pipeline_ticks(self, rows: int) -> tuple:
+        """(stage-ticks with a micro-batch, all stage-ticks) of one step over `rows` rows: (0, 0) without stages
+        (a pipeline's placement counts its GPipe schedule)."""
+        return 0, 0
+
     # ------------------------------------------------------------------ params and KV
     def param_shardings(self, params) -> dict:
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params),

@@ -671,13 +671,9 @@ class ModelRunner:
             index = next(i for i, p in enumerate(self._program_sets) if p is programs)
             self.mirror(index, bucket, inputs, sampling, num_rows, spans)
         placed = self.place_inputs((inputs, sampling))
-        S = self.placement.p
-        if S > 1:
-            from jaxserve.parallel.pipeline import num_micro_batches
-
-            n = num_micro_batches(bucket[0], S)
-            self.stage_ticks[0] += n * S
-            self.stage_ticks[1] += (n + S - 1) * S
+        busy, total = self.placement.pipeline_ticks(bucket[0])
+        self.stage_ticks[0] += busy
+        self.stage_ticks[1] += total
         before = compile_count()
         t0 = time.perf_counter()
         res, self.kv = prog(self.params, self.kv, *placed)

@@ -12,7 +12,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine.placement import Placement
 from jaxserve.models.quantized import is_quantized
 from jaxserve.parallel import rules
-from jaxserve.parallel.pipeline import make_pipeline_forward, make_rotation_forward
+from jaxserve.parallel.pipeline import make_pipeline_forward, make_rotation_forward, num_micro_batches
 
 log = logging.getLogger("jaxserve")
 
@@ -31,6 +31,12 @@ class ShardedPlacement(Placement):
             self.forward = make_pipeline_forward(model_cfg, mesh)
             self.rotation = make_rotation_forward(model_cfg, mesh)
         log.info("jaxserve mesh %s: %s", dict(mesh.shape), rules.describe(model_cfg, self.t))
+
+    def pipeline_ticks(self, rows: int) -> tuple:
+        if self.p == 1:
+            return 0, 0
+        n = num_micro_batches(rows, self.p)  # GPipe: n micro-batches over n + S - 1 ticks on each of S stages
+        return n * self.p, (n + self.p - 1) * self.p
 
     def param_specs(self, params) -> dict:
         return rules.param_specs(self.cfg, params, self.t, self.stage_axis)
