@@ -610,7 +610,6 @@ class ModelRunner:
 
     def _rotate_once(self, entry) -> list:
         R = self._rot_bucket
-        prog, sampler = self._rotation[R]
         stages = [entry] + self._rot_prev  # stage s runs the group pushed s calls ago
         empty = None
         if any(e is None for e in stages):

@@ -312,14 +312,16 @@ class Scheduler:
         for seq in order[:cap]:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            while not self.bm.ensure_capacity(seq.seq_id, seq.num_tokens):
-                victim = self._pick_victim(exclude=scheduled)
+            fits = self.bm.ensure_capacity(seq.seq_id, seq.num_tokens)
+            while not fits:
+                victim = self._pick_victim(exclude=scheduled)  # None: only sequences in flight left to evict
                 if victim is None:
                     break
                 self._preempt(victim, preempted)
                 if victim is seq:
                     break
-            if seq.status is Status.RUNNING and self.bm.ensure_capacity(seq.seq_id, seq.num_tokens):
+                fits = self.bm.ensure_capacity(seq.seq_id, seq.num_tokens)
+            if fits:
                 rows.append(ScheduledRow(seq, seq.num_computed_tokens, 1))
                 scheduled.add(seq)
         if not rows:
