@@ -483,6 +483,9 @@ def load_model_config(spec: str) -> ModelConfig:
     return get_preset(spec)
 
 
+RAGGED_TILE = 16  # tokens per attention tile of a ragged step (models/ragged.py): T >= 16 is a multiple of it
+
+
 def _pow2_ladder(lo: int, hi: int) -> list:
     out, v = [], lo
     while v < hi:
@@ -560,6 +563,13 @@ class EngineConfig:
     # on XLA:CPU it costs batch-1 decode speed (a 2-row GEMM replaces the matrix-vector kernel).
     batch_invariant: bool = False
     scheduler: str = "continuous"  # "continuous" | "static"
+    # "ragged": every step is one flat array of decode tokens and prompt chunks (models/ragged.py), bucketed by its
+    # token count only; "buckets": separate (R, 1) decode and (R, Q) prefill steps; "auto": ragged where the engine
+    # supports it (one device, XLA attention, continuous scheduler, no speculation, not batch_invariant).
+    step_mode: str = "auto"
+    # Ragged steps' token counts T: powers of two up to this, then its multiples up to max_num_batched_tokens
+    # (smaller: less padding when a prompt's last chunk leaves the step part full, more programs to compile).
+    token_bucket_step: int = 64
     # On a pipeline (stage > 1): "rotate" = decode groups rotate through the stages across steps (every stage busy,
     # parallel/pipeline.py make_rotation_forward); "gpipe" = each decode step is a GPipe pass (S - 1 idle ticks).
     pipeline_decode: str = "rotate"
@@ -582,6 +592,10 @@ class EngineConfig:
             raise InvalidConfigError(f"matmul_impl must be auto, xla or pallas, got {self.matmul_impl!r}")
         if self.scheduler not in ("continuous", "static"):
             raise InvalidConfigError(f"scheduler must be 'continuous' or 'static', got {self.scheduler!r}")
+        if self.token_bucket_step <= 0 or self.token_bucket_step & (self.token_bucket_step - 1):
+            raise InvalidConfigError(f"token_bucket_step must be a positive power of two, got {self.token_bucket_step}")
+        if self.step_mode not in ("auto", "ragged", "buckets"):
+            raise InvalidConfigError(f"step_mode must be 'auto', 'ragged' or 'buckets', got {self.step_mode!r}")
         if self.pipeline_decode not in ("rotate", "gpipe"):
             raise InvalidConfigError(f"pipeline_decode must be 'rotate' or 'gpipe', got {self.pipeline_decode!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -623,6 +637,18 @@ class EngineConfig:
         """Width of every block table: enough pages for `max_model_len` tokens, rounded to whole blocks."""
         pages = math.ceil(self.model_len(model) / self.page_size)
         return math.ceil(pages / self.attn_block_pages) * self.attn_block_pages
+
+    def token_buckets(self) -> list:
+        """A ragged step's token counts T (models/ragged.py): powers of two up to `token_bucket_step`, then its
+        multiples, up to max(max_num_batched_tokens, max_num_seqs) (every decoding sequence fits one step)."""
+        top = max(self.max_num_batched_tokens, self.max_num_seqs)
+        step = self.token_bucket_step
+        out = _pow2_ladder(1, min(step, top))
+        t = out[-1]
+        while t < top:
+            t = (t // step + 1) * step
+            out.append(t)
+        return sorted({t if t < RAGGED_TILE else -(-t // RAGGED_TILE) * RAGGED_TILE for t in out})
 
     def decode_buckets(self) -> list:
         return _pow2_ladder(1, self.max_num_seqs)

@@ -99,9 +99,9 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
         interp = interpret
     mod_decode, mod_prefill = dispatch.kernel_modules(fam)
 
-    def attention_fn(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
-                     block_pages=None, batch_invariant=False):
-        del batch_invariant  # see the module docstring
+    def prepare(cfg, k_cache, v_cache, layer, block_tables, window, block_pages):
+        """(kernel_call, tables): the all-layer page view of the cache and the layer's page ids; kernel_call(fn, q_,
+        *meta) runs a kernel on them (under shard_map on a mesh), q_ [N, Hq, hd] -> [N, Hq, hd]."""
         num_layers, slots, hkv, hd = k_cache.shape
         n = slots // page_size
         kw = dict(scale=float(cfg.attn_scale), window=jnp.asarray(window, jnp.int32),
@@ -117,17 +117,14 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
         k_pages = k_cache.reshape(num_layers * n, page_size, hkv, hd)
         v_pages = v_cache.reshape(num_layers * n, page_size, hkv, hd)
         tables = block_tables.astype(jnp.int32) + jnp.asarray(layer, jnp.int32) * n
-        kv_lens = kv_lens.astype(jnp.int32)
         if fam == "tpu" and block_pages:
             # Default 16 pages = the kernels' own default of 256 tokens at page_size 16. It also bounds the
             # kernels' unrolled per-page DMA code, which matters for interpret-mode compile time.
             kw["pages_per_block"] = int(block_pages)
-        r, qn, hq, _ = q.shape
         scales = (kw.pop("k_scales"), kw.pop("v_scales")) if "k_scales" in kw else ()
         window_arr = kw.pop("window")
 
         def kernel_call(fn, q_, *meta):
-            """fn(q_, pages..., *meta) under shard_map on a mesh; q_ [N, Hq, hd] -> [N, Hq, hd]."""
             def local(q_, kp, vp, win, *rest):
                 sc = dict(zip(("k_scales", "v_scales"), rest[:len(scales)]))
                 return fn(q_, kp, vp, *rest[len(scales):], window=win, **sc, **kw)
@@ -140,6 +137,14 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
                      *(P(None, None, ks) for _ in scales), *(P() for _ in meta))
             return _shard_map(local, mesh, specs, P(None, hs, None))(*args)
 
+        return kernel_call, tables
+
+    def attention_fn(cfg, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
+                     block_pages=None, batch_invariant=False):
+        del batch_invariant  # see the module docstring
+        kernel_call, tables = prepare(cfg, k_cache, v_cache, layer, block_tables, window, block_pages)
+        kv_lens = kv_lens.astype(jnp.int32)
+        r, qn, hq, hd = q.shape
         if qn == 1:
             out = kernel_call(mod_decode.paged_attention_decode, q[:, 0], tables, kv_lens)
             return out[:, None]
@@ -157,8 +162,20 @@ def engine_attention_fn(impl: str, *, head_dim: int, page_size: int, platform: O
         out = out_flat[idx]                                                               # [R, Q, Hq, hd]
         return jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
 
+    def ragged_fn(cfg, q, k_cache, v_cache, layer, block_tables, inp, window, *, page_size, block_pages=None):
+        """The ragged step's attention (jaxserve.models.ragged: `ragged_attention_xla`'s signature) through the
+        ragged kernel: q [T, Hq, hd] in the step's layout (chunks tile-aligned and padded) is gathered to its real
+        tokens back to back (`inp.compact_idx`), the rows' tables and lengths to layout order (`inp.kernel_rows`),
+        and the output gathered back (`inp.expand_idx`); padding tokens come out as zeros."""
+        kernel_call, tables = prepare(cfg, k_cache, v_cache, layer, block_tables, window, block_pages)
+        rows = inp.kernel_rows
+        out = kernel_call(mod_prefill.ragged_prefill_attention, q[inp.compact_idx], tables[rows], inp.cu_q_lens,
+                          inp.kv_lens.astype(jnp.int32)[rows], inp.num_rows)
+        return jnp.where((inp.positions >= 0)[:, None, None], out[inp.expand_idx], jnp.zeros((), out.dtype))
+
     attention_fn.kernel_family = fam
     attention_fn.interpret = interp
+    attention_fn.ragged = ragged_fn
     return attention_fn
 
 

@@ -69,6 +69,20 @@ CONFIGS = {
 }
 
 
+def _config_name(name: str) -> str:
+    base, _, mode = name.partition(":")
+    if base not in CONFIGS or mode not in ("", "ragged", "buckets", "auto"):
+        raise argparse.ArgumentTypeError(f"unknown config {name!r}: one of {', '.join(CONFIGS)}, optionally with "
+                                         f":ragged / :buckets / :auto")
+    return name
+
+
+def config_kwargs(name: str) -> dict:
+    """LLM keyword arguments of a --configs entry (CONFIGS[base], plus step_mode from a ':mode' suffix)."""
+    base, _, mode = name.partition(":")
+    return {**CONFIGS[base], **({"step_mode": mode} if mode else {})}
+
+
 def step_bytes(llm, batch: int, context: int) -> dict:
     """Bytes one decode step must read: every weight once + the visible KV of each sequence."""
     import jax
@@ -165,8 +179,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up measurement")
     ap.add_argument("--batch-invariant", action="store_true", help="run jaxserve in batch-invariant mode")
-    ap.add_argument("--configs", nargs="+", default=["fp32", "int8", "int4"], choices=list(CONFIGS),
-                    help="weight / KV formats to measure side by side (default: fp32 int8 int4)")
+    ap.add_argument("--configs", nargs="+", default=["fp32", "int8", "int4"], type=_config_name,
+                    help="weight / KV formats to measure side by side (default: fp32 int8 int4); a suffix "
+                         ":ragged / :buckets sets that engine's EngineConfig.step_mode (e.g. fp32:ragged "
+                         "fp32:buckets: ragged and bucketed steps side by side)")
+    ap.add_argument("--step-mode", default="auto", choices=["auto", "ragged", "buckets"],
+                    help="EngineConfig.step_mode of the engines whose config has no suffix")
     ap.add_argument("--e2e", action="store_true",
                     help="also the compiled decode step alone and LLM.generate end to end, per config and batch")
     ap.add_argument("--llama-cpp", metavar="DIR",
@@ -198,7 +216,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         engines[config] = LLM("gemma3-270m", max_num_seqs=max(args.batches), max_model_len=1024,
                               num_pages=max(args.batches) * per_seq_pages + 1,
-                              batch_invariant=args.batch_invariant, **CONFIGS[config])
+                              batch_invariant=args.batch_invariant,
+                              **{"step_mode": args.step_mode, **config_kwargs(config)})
         result.setdefault("jaxserve_startup_s", {})[config] = time.monotonic() - t0
         run_steps(engines[config], 1, 4)  # warm caches and allocator
     samples = {(c, b): [] for c in args.configs for b in args.batches}

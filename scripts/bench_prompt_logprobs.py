@@ -22,7 +22,7 @@ from jaxserve.engine.runner import SamplingRow
 dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"
 t0 = time.time()
 llm = LLM("gemma3-270m", dtype=dtype, max_model_len=1024, max_num_seqs=2, max_num_batched_tokens=256,
-          max_prefill_seqs=2, min_prefill_tokens=128, num_pages=600)
+          max_prefill_seqs=2, min_prefill_tokens=128, num_pages=600, step_mode="buckets")
 print(f"{dtype}: engine built (compile_all incl. scorer) in {time.time() - t0:.1f}s", flush=True)
 r = llm.engine.runner
 t = time.time(); r.compile_scorer(); print(f"scorer compile alone: {time.time() - t:.1f}s", flush=True)

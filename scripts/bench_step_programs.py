@@ -44,7 +44,8 @@ def main() -> int:
     args = ap.parse_args()
 
     llm = LLM("gemma3-270m", dtype=args.dtype, max_model_len=1024, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=256, max_prefill_seqs=2, min_prefill_tokens=128, num_pages=600)
+              max_num_batched_tokens=256, max_prefill_seqs=2, min_prefill_tokens=128, num_pages=600,
+              step_mode="buckets")  # (it studies the bucketed programs)
     r = llm.engine.runner
     buckets = r.buckets()
     # B: the engine's way, afresh (its sampler programs too)

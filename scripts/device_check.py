@@ -581,8 +581,10 @@ def time_compiled_step(llm, batch, context, repeats):
     from jaxserve.engine.runner import SamplingRow
 
     runner = llm.engine.runner
-    bucket = min(b for b, q in runner.buckets() if q == 1 and b >= batch)
     tables = runner.synthetic_tables(batch, context)  # (sliding groups: their window's pages, as when serving)
+    if getattr(runner, "ragged", False):  # a ragged engine: its T-token forward, then the head + sampler of N rows
+        return _time_ragged_decode(runner, tables, context, repeats)
+    bucket = min(b for b, q in runner.buckets() if q == 1 and b >= batch)
     inp = runner.step_inputs(bucket, 1, [([5], context - 1, t) for t in tables])
     st = runner.sampling_inputs([SamplingRow(SamplingParams(temperature=0.0), [], 0, 0, None, [])] * batch, bucket)
     prog = runner.programs[(bucket, 1)]          # the engine's own executable for this bucket
@@ -592,6 +594,32 @@ def time_compiled_step(llm, batch, context, repeats):
         t = time.perf_counter()
         res, runner.kv = prog(runner.params, runner.kv, *inputs)
         jax.block_until_ready(res.tokens)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def _time_ragged_decode(runner, tables, context, repeats):
+    """`time_compiled_step` for a ragged engine: its programs for one decode token per table."""
+    import jax
+    import numpy as np
+
+    from jaxserve import SamplingParams
+    from jaxserve.engine.runner import SamplingRow
+    from jaxserve.models.ragged import build_ragged_inputs
+
+    batch = len(tables)
+    T = min(t for t in runner.ragged_ladder() if t >= batch)
+    N = min(n for n in runner.cfg.decode_buckets() if n >= batch)
+    groups = runner.kv_layout.num_groups if runner.kv_layout.grouped else 1
+    inp = build_ragged_inputs([([5], context - 1, t, True) for t in tables], T, runner.cfg.max_num_seqs, runner.P,
+                              runner.page_size, groups=groups)
+    st = runner.sampling_inputs([SamplingRow(SamplingParams(temperature=0.0), [], 0, 0, None, [])] * batch, N)
+    prog, (head, sampler) = runner._ragged[T], runner._heads[N]
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        (last, _), runner.kv = prog(runner.params, runner.kv, inp)
+        jax.block_until_ready(sampler(head(runner.params, last), st).tokens)
         times.append(time.perf_counter() - t)
     return float(np.median(times[1:]))
 

@@ -45,8 +45,11 @@ def hlo_report(llm) -> dict:
     from jaxserve.parallel.placement import full_matrix_shapes
 
     r0 = _runners(llm)[0]
-    bucket = max(b for b in r0.compiled_buckets() if b[1] == 1)
-    txt = r0.programs[bucket].as_text()
+    if r0.ragged:  # a one-device replica runs ragged steps (models/ragged.py): its largest decode-sized program
+        txt = r0.ragged_programs[min(t for t in r0.ragged_ladder() if t >= r0.cfg.max_num_seqs)].as_text()
+    else:
+        bucket = max(b for b in r0.compiled_buckets() if b[1] == 1)
+        txt = r0.programs[bucket].as_text()
     found = {c: len(re.findall(rf"= [^\n]*? {c}(?:-start)?\(", txt)) for c in COLLECTIVES}
     weights = full_matrix_shapes(r0.params)
     bad = []

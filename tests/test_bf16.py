@@ -63,6 +63,9 @@ def test_bf16_step_converts_no_whole_cache_or_layer_stack(llm_factory, dtype, kv
     for bucket in [(2, 1), r.buckets()[-1]]:
         hlo = fn.lower(p_abs, kv_abs, r.abstract_inputs(*bucket)[0]).compile().as_text()
         assert not _f32_copies(hlo, shapes), (bucket, _f32_copies(hlo, shapes)[:3])
+    for T in ((2, r.ragged_ladder()[-1]) if r.ragged else ()):  # the engine's own ragged steps (models/ragged.py)
+        hlo = r.ragged_programs[T].as_text()
+        assert not _f32_copies(hlo, shapes), (T, _f32_copies(hlo, shapes)[:3])
 
 
 # Weight-only quantization under dtype=bfloat16: the quantized values stay int8 / packed int4, the scales and

@@ -114,7 +114,8 @@ def test_engine_pallas_matmul_matches_xla(llm_factory, quant):
     assert pal.engine.runner.params["layers"]["wq"].kernel is not None
     assert xla.engine.runner.params["layers"]["wq"].kernel is None
     bits = 8 if quant["quantization"] == "int8" else 4
-    assert f"jaxserve_qmm_int{bits}_tpu" in pal.engine.runner.programs[(1, 1)].as_text()
+    r = pal.engine.runner
+    assert f"jaxserve_qmm_int{bits}_tpu" in (r.ragged_programs[1] if r.ragged else r.programs[(1, 1)]).as_text()
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
     prompts = _prompts(xla.model_config.vocab_size, [1, 5, 23, 40], seed=13)
     _compare(xla.generate(prompts, sp), pal.generate(prompts, sp), 6)
@@ -216,6 +217,53 @@ def _compare(a, b, max_new, tail_atol=LOGPROB_ATOL):
     assert worst_tail < tail_atol, worst_tail
     print(f"max |logprob difference| pallas vs xla: sampled {worst:.2e}, other top-k {worst_tail:.2e}")
     return max(worst, worst_tail)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_ragged_adapter_matches_xla_attention(kernel):
+    """The ragged step's attention (models/ragged.py) through the ragged kernel: rows gathered to layout order,
+    chunk padding squeezed out and put back; a mix of chunks (tile-aligned, padded), decodes and a short row, per
+    layer and window, against the XLA path's tiles."""
+    from jaxserve.models.ragged import build_ragged_inputs, ragged_attention_xla
+
+    cfg = get_preset("tiny-gemma3")
+    rng = np.random.default_rng(5)
+    ps, num_pages, P = 4, 60, 16
+    L, hkv, hd, hq = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    kc = jnp.asarray(rng.standard_normal((L, num_pages * ps, hkv, hd)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((L, num_pages * ps, hkv, hd)), jnp.float32)
+    perm, o, entries = rng.permutation(np.arange(1, num_pages)), 0, []
+    for n, start in [(1, 9), (20, 3), (3, 0), (1, 30), (9, 14), (1, 0)]:  # decodes, chunks, a short row
+        need = -(-(start + n) // ps)
+        entries.append(([0] * n, start, list(perm[o:o + need]), True))
+        o += need
+    inp = jax.tree.map(jnp.asarray, build_ragged_inputs(entries, 64, 8, P, ps))
+    q = jnp.asarray(rng.standard_normal((64, hq, hd)), jnp.float32)
+    fn = engine_attention_fn("pallas", head_dim=hd, page_size=ps, kernel=kernel).ragged
+
+    @jax.jit
+    def run(layer, window):
+        a = (cfg, q, kc, vc, layer, inp.block_tables, inp, window)
+        return fn(*a, page_size=ps, block_pages=4), ragged_attention_xla(*a, page_size=ps, block_pages=4)
+
+    real = np.asarray(inp.positions) >= 0
+    for layer, window in [(0, 0), (2, 5), (3, 24), (1, 1)]:
+        got, want = run(jnp.int32(layer), jnp.int32(window))
+        assert got.shape == want.shape == q.shape
+        assert float(jnp.abs(got - want)[real].max()) < ATTN_ATOL, (layer, window)
+        assert np.all(np.asarray(got)[~real] == 0.0)
+
+
+def test_engine_pallas_ragged_matches_xla(llm_factory):
+    """An engine on ragged steps with attention_impl="pallas" (on request: step_mode="ragged"; interpreted here)
+    gives the XLA ragged engine's greedy tokens and logprobs; "auto" keeps the Pallas engine on buckets."""
+    xla = llm_factory("tiny-gemma3", attention_impl="xla", **KW)
+    pal = llm_factory("tiny-gemma3", attention_impl="pallas", step_mode="ragged", **KW)
+    assert xla.engine.ragged and pal.engine.ragged and pal.engine.runner.attention_fn is not None
+    assert not llm_factory("tiny-gemma3", attention_impl="pallas", **KW).engine.ragged
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    prompts = _prompts(xla.model_config.vocab_size, [1, 5, 23, 40, 70], seed=21)
+    _compare(*[llm.generate(prompts, sp) for llm in (xla, pal)], 6)
 
 
 @pytest.mark.parametrize("model,kv", [("tiny-gemma3", "float32"), ("tiny-llama", "float32"), ("tiny-gemma3", "int8"),

@@ -168,3 +168,24 @@ def test_engine_forward_step_lowers(tiny_gemma3_params, platform, R, Q):
     text = export(step, platform, p_abs, kv_abs, inp)
     assert MARK[platform] in text
     assert MARK["cuda" if platform == "tpu" else "tpu"] not in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("T", [8, 64])
+def test_engine_ragged_step_lowers(tiny_gemma3_params, platform, T):
+    """The engine's ragged step (models/ragged.py forward_ragged: flat tokens, sliding + global layers) with the
+    Pallas kernels' ragged attention (pallas_kernels/engine.py `.ragged`) lowers for the accelerator."""
+    from jaxserve.models.ragged import abstract_ragged_inputs, forward_ragged
+    from pallas_kernels.engine import engine_attention_fn
+
+    cfg, p_abs = tiny_gemma3_params
+    ps, n, p = 16, 32, 8
+    kv_abs = {k: _sds((cfg.num_layers, n * ps, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16) for k in ("k", "v")}
+    fn = engine_attention_fn("pallas", head_dim=cfg.head_dim, page_size=ps, platform=platform)
+
+    def step(params, kv, inp):
+        return forward_ragged(cfg, params, kv, inp, page_size=ps, block_pages=4, attention_fn=fn.ragged)
+
+    text = export(step, platform, p_abs, kv_abs, abstract_ragged_inputs(T, 4, p))
+    assert MARK[platform] in text
+    assert MARK["cuda" if platform == "tpu" else "tpu"] not in text

@@ -48,13 +48,15 @@ def _same(plp, other, tol=1e-5):
         assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < tol for t in x), (x, y)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
-def test_prompt_logprobs_match_reference(llm_factory, model):
+@pytest.mark.parametrize("model,step_mode", [("tiny-llama", "buckets"), ("tiny-gemma3", "buckets"),
+                                             ("tiny-llama", "ragged"), ("tiny-gemma3", "ragged")])
+def test_prompt_logprobs_match_reference(llm_factory, model, step_mode):
     """Mixed lengths in one batch (1 token; within a page; a prompt longer than a prefill chunk of 64, and than
-    tiny-gemma3's sliding window), top-n of 0, 1 and 5; no compile while serving."""
+    tiny-gemma3's sliding window), top-n of 0, 1 and 5; no compile while serving. Bucketed and ragged steps (the
+    ragged step's flat hidden states, chunks at their layout offsets)."""
     from tests.conftest import TINY_KW
 
-    llm = llm_factory(model, **TINY_KW)
+    llm = llm_factory(model, **TINY_KW, step_mode=step_mode)
     V = llm.model_config.vocab_size
     lengths = [1, 2, 7, 40, 64, 150]
     prompts = _prompts(V, lengths, seed=1)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from jaxserve.config import get_preset
 from jaxserve.models.kv_cache import init_kv_cache
-from jaxserve.models.ragged import (TILE, build_ragged_inputs, forward_ragged, is_chunk, ragged_layout,
-                                    ragged_size, tile_size)
+from jaxserve.models.ragged import build_ragged_inputs, forward_ragged, tile_size
+from jaxserve.models.ragged_layout import TILE, is_chunk, ragged_layout, ragged_size
 from jaxserve.models.reference import reference_forward
 from jaxserve.models.transformer import lm_head
 from jaxserve.weights.random_init import random_params
@@ -161,3 +161,132 @@ def test_mixed_steps_match_the_reference(model, grouped):
             np.testing.assert_allclose(got_last[i], ref[-1], atol=2e-4, rtol=2e-4)
             np.testing.assert_allclose(got_all[offsets[i]:offsets[i] + n], ref[done[s]:], atol=2e-4, rtol=2e-4)
             done[s] += n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scheduler's ragged steps (no model) and the engine on them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ragged_scheduler(num_pages=400, budget=64, max_seqs=8, prefix=False):
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.scheduler import Scheduler
+
+    cfg = EngineConfig(page_size=4, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                       enable_prefix_caching=prefix)
+    sch = Scheduler(cfg, num_pages)
+    sch.ragged_ladder = [1 << i for i in range(8)]  # 1..128
+    return sch
+
+
+def _seq(i, n_prompt, out, rng):
+    from jaxserve.engine.request import Priority, Sequence
+    from jaxserve.sampling_params import SamplingParams
+
+    return Sequence(i, str(i), 0, [int(t) for t in rng.integers(3, 500, n_prompt)],
+                    SamplingParams(max_tokens=out, ignore_eos=True), 0, Priority.INTERACTIVE, (), 4096)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 20)), min_size=1, max_size=12),
+       st.sampled_from([64, 128]), st.sampled_from([60, 400]))
+def test_ragged_schedule_decodes_first_within_budget(reqs, budget, num_pages):
+    """Every mixed step: each decoding sequence that fits gets its token (a long prompt never stalls them), the
+    layout stays within max_num_batched_tokens and the step's T, a chunk cut short ends on a tile; everything
+    finishes (with preemption when pages are short)."""
+    import time
+
+    from jaxserve.engine.request import SampledToken
+
+    rng = np.random.default_rng(len(reqs))
+    sch = _ragged_scheduler(num_pages=num_pages, budget=budget)
+    seqs = [_seq(i, n, out, rng) for i, (n, out) in enumerate(reqs)]
+    if any(-(-(n + o) // 4) > num_pages - 1 for n, o in reqs):
+        return  # (a request larger than the whole cache is refused at admission by the engine)
+    for s in seqs:
+        sch.add(s)
+    tok = SampledToken(5, 0.0, (), ())
+    for _ in range(5000):
+        if not sch.has_work():
+            break
+        decoding = [s for s in sch.running if not s.in_prefill]
+        out = sch.schedule()
+        assert out is not None and out.kind == "mixed"
+        sizes = [r.num_new for r in out.rows]
+        size = ragged_size(sizes)
+        assert size <= max(budget, len(decoding)) and out.bucket[1] >= size and out.bucket[1] in sch.ragged_ladder
+        scheduled = {r.seq.seq_id for r in out.rows}
+        left = [s for s in decoding if s.status.name == "RUNNING" and s.seq_id not in scheduled]
+        assert not left, "a decoding sequence was left out of a ragged step"
+        for r in out.rows:
+            if r.num_new > 1 and r.start + r.num_new < r.seq.num_tokens and is_chunk(r.num_new):
+                assert r.num_new % TILE == 0, "a chunk cut short must end on a tile"
+        sch.update(out, [[tok] if r.samples else [] for r in out.rows], time.monotonic())
+    assert not sch.has_work() and all(s.finished for s in seqs)
+    assert all(len(s.output_token_ids) == out for s, (_, out) in zip(seqs, reqs))
+
+
+def _mixed_prompts(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    shared = [int(t) for t in rng.integers(3, vocab, 24)]  # a prefix-cache hit for the requests that share it
+    lens = [5, 40, 1, 130, 17, 9, 70, 3, 2, 33]
+    return [(shared if i % 3 == 0 else []) + [int(t) for t in rng.integers(3, vocab, n)] for i, n in enumerate(lens)]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_engine_ragged_steps_match_bucketed(llm_factory, model):
+    """Greedy tokens of a mixed batch (prompts of 1 to 154 tokens, a shared prefix, outputs of several lengths) are
+    the same whether the engine runs ragged or bucketed steps; the ragged engine really mixed decodes and
+    chunks, computed no (R, Q) program and compiled nothing while serving."""
+    from jaxserve import SamplingParams
+    from jaxserve.engine.runner import compile_count
+    from tests.conftest import TINY_KW
+
+    ragged = llm_factory(model, **TINY_KW, step_mode="ragged")
+    buckets = llm_factory(model, **TINY_KW, step_mode="buckets")
+    assert ragged.engine.ragged and not buckets.engine.ragged and not ragged.engine.runner.programs
+    prompts = _mixed_prompts(ragged.model_config.vocab_size)
+    sps = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in [20, 3, 30, 8, 12, 1, 25, 6, 9, 14]]
+    mixed0 = ragged.engine.stats.mixed_steps
+    before = compile_count()
+    got = [o.outputs[0].token_ids for o in ragged.generate(prompts, sps)]
+    assert compile_count() == before
+    want = [o.outputs[0].token_ids for o in buckets.generate(prompts, sps)]
+    assert got == want
+    assert ragged.engine.stats.mixed_steps > mixed0
+    m = ragged.engine.metrics()
+    assert m["step_mode"] == "ragged" and m["mixed_steps"] > mixed0 and m["prompt_padding_ratio"] >= 1.0
+    assert buckets.engine.metrics()["step_mode"] == "buckets"
+
+
+def test_engine_ragged_preemption_and_sampling(llm_factory):
+    """Few pages: sequences are preempted and recomputed inside ragged steps; greedy tokens equal a roomy bucketed
+    engine's, and seeded sampling is reproducible (the sampler sees the same rows, counters and seeds)."""
+    from jaxserve import SamplingParams
+    from tests.conftest import TINY_KW
+
+    tight = llm_factory("tiny-llama", **{**TINY_KW, "num_pages": 64}, step_mode="ragged")
+    roomy = llm_factory("tiny-llama", **TINY_KW, step_mode="buckets")
+    prompts = _mixed_prompts(512, seed=2)[:6]
+    sps = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    p0 = tight.engine.scheduler.num_preemptions
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, sps)]
+    assert tight.engine.scheduler.num_preemptions > p0
+    assert got == [o.outputs[0].token_ids for o in roomy.generate(prompts, sps)]
+    seeded = [SamplingParams(temperature=0.9, top_p=0.9, seed=7 + i, max_tokens=12) for i in range(len(prompts))]
+    a = [o.outputs[0].token_ids for o in roomy.generate(prompts, seeded)]
+    ragged = llm_factory("tiny-llama", **TINY_KW, step_mode="ragged")
+    assert [o.outputs[0].token_ids for o in ragged.generate(prompts, seeded)] == a
+
+
+def test_step_mode_config_errors():
+    from jaxserve import LLM
+    from jaxserve.errors import InvalidConfigError
+    from tests.conftest import TINY_KW
+
+    with pytest.raises(InvalidConfigError, match="step_mode"):
+        LLM("tiny-llama", random_weights=True, **TINY_KW, step_mode="flat")
+    with pytest.raises(InvalidConfigError, match="static"):
+        LLM("tiny-llama", random_weights=True, **TINY_KW, step_mode="ragged", scheduler="static")
+    with pytest.raises(InvalidConfigError, match="batch_invariant"):
+        LLM("tiny-llama", random_weights=True, **TINY_KW, step_mode="ragged", batch_invariant=True)

@@ -24,7 +24,8 @@ from jaxserve.engine.request import Priority, SampledToken, Sequence
 from jaxserve.engine.sampling_inputs import request_token_mask
 from jaxserve.engine.scheduler import Scheduler, StepUpdate
 from jaxserve.engine.structured import GrammarCompiler, consume
-from jaxserve.errors import InvalidPromptError, InvalidSamplingParamsError, RequestTooLargeError
+from jaxserve.errors import (InvalidConfigError, InvalidPromptError, InvalidSamplingParamsError,
+                             RequestTooLargeError)
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxserve")
@@ -45,6 +46,9 @@ class EngineStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     busy_seconds: float = 0.0
+    mixed_steps: int = 0  # ragged steps that computed prompt chunks and decode tokens together
+    padded_tokens: int = 0  # token slots the step programs computed, padding included (R x Q, or a ragged T)
+    padded_prompt_tokens: int = 0  # of those, the slots of prefill steps (R x Q; a ragged step's T - its decodes)
     # Wall time of step() split in two: waiting on the device (the runner's dispatch -> sampled ids on the host)
     # and everything else (scheduling, input building, bookkeeping, detokenization, outputs).
     device_seconds: float = 0.0
@@ -97,12 +101,33 @@ class LLMEngine:
         self.scheduler = Scheduler(engine_cfg, num_pages, cache_salt=salt,
                                    num_lookahead_slots=self.speculator.K if self.speculator is not None else 0,
                                    group_windows=layout.group_windows if layout is not None else (0,))
+        # Ragged steps (EngineConfig.step_mode, models/ragged.py): decodes and prompt chunks share every step.
+        self.ragged = False
+        if engine_cfg.step_mode != "buckets":
+            why = self._ragged_unsupported()
+            if why is None:
+                runner.enable_ragged()
+                self.scheduler.ragged_ladder = runner.ragged_ladder()
+                self.ragged = True
+            elif engine_cfg.step_mode == "ragged":
+                raise InvalidConfigError(f"step_mode='ragged' is not available: {why}")
         self.requests: dict = {}
         self.stats = EngineStats()
         self._seq_ids = itertools.count(1)
         self._req_ids = itertools.count()
         self._rng = random.Random(engine_cfg.seed)
         self.grammars = GrammarCompiler(tokenizer, model_cfg.vocab_size, model_cfg.eos_token_ids)
+
+    def _ragged_unsupported(self):
+        """Why this engine cannot run ragged steps, or None."""
+        if self.cfg.scheduler != "continuous":
+            return "the static scheduler runs bucketed steps (its fixed batch is the baseline it stands for)"
+        if self.speculator is not None:
+            return "speculative decoding verifies in bucketed steps so far"
+        check = getattr(self.runner, "ragged_unsupported", None)
+        if check is None:
+            return "this runner has no ragged steps"
+        return check(explicit=self.cfg.step_mode == "ragged")
 
     @property
     def bm(self):
@@ -260,7 +285,7 @@ class LLMEngine:
     @staticmethod
     def _prompt_logprob_spans(out) -> dict:
         """{row index: (lo, hi)}: the prompt positions of a prefill step whose logprobs are still to compute."""
-        if out.kind != "prefill":
+        if out.kind == "decode":
             return {}
         spans = {}
         for i, row in enumerate(out.rows):
@@ -292,12 +317,30 @@ class LLMEngine:
     def _record(self, out, upd, seconds: float) -> None:
         st = self.stats
         st.busy_seconds += seconds
-        st.kind_seconds[out.kind] += seconds
-        st.kind_tokens[out.kind] += sum(r.num_new for r in out.rows)
         st.steps += 1
-        if out.kind == "prefill":
+        if out.kind == "mixed":
+            # A ragged step counts as a prefill step when it computes any prompt chunk (its time goes there; its
+            # decode rows' tokens still count as decode tokens), else as a decode step.
+            dec = sum(1 for r in out.rows if r.num_new == 1 and r.start >= len(r.seq.prompt_token_ids))
+            pre = sum(r.num_new for r in out.rows) - dec
+            kind = "prefill" if pre else "decode"
+            st.kind_tokens["prefill"] += pre
+            st.kind_tokens["decode"] += dec
+            st.prompt_tokens_computed += pre
+            st.padded_tokens += out.bucket[1]
+            st.padded_prompt_tokens += out.bucket[1] - dec if pre else 0
+            if pre and dec:
+                st.mixed_steps += 1
+        else:
+            kind = out.kind
+            st.kind_tokens[kind] += sum(r.num_new for r in out.rows)
+            st.padded_tokens += out.bucket[0] * out.bucket[1] if out.bucket else 0
+            if kind == "prefill":
+                st.prompt_tokens_computed += sum(r.num_new for r in out.rows)
+                st.padded_prompt_tokens += out.bucket[0] * out.bucket[1]
+        st.kind_seconds[kind] += seconds
+        if kind == "prefill":
             st.prefill_steps += 1
-            st.prompt_tokens_computed += sum(r.num_new for r in out.rows)
         else:
             st.decode_steps += 1
         st.generation_tokens += upd.num_tokens
@@ -386,6 +429,12 @@ class LLMEngine:
             "prefix_hit_rate": bm.get("hit_rate"),
             "num_preemptions": self.scheduler.num_preemptions,
             "steps": self.stats.steps,
+            # ragged steps (models/ragged.py): steps that mixed prompt chunks and decodes, and the token slots the
+            # prefill-carrying steps computed per real prompt token (padding's cost; bucketed steps: R x Q)
+            "step_mode": "ragged" if self.ragged else "buckets",
+            "mixed_steps": self.stats.mixed_steps,
+            "prompt_padding_ratio": (self.stats.padded_prompt_tokens / self.stats.prompt_tokens_computed
+                                     if self.stats.prompt_tokens_computed else None),
             "generation_tokens": self.stats.generation_tokens,
             "prompt_tokens_computed": self.stats.prompt_tokens_computed,
             "generation_tokens_per_s": self.stats.generation_tokens / self.stats.busy_seconds if self.stats.busy_seconds else 0.0,

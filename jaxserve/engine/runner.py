@@ -32,6 +32,8 @@ from jaxserve.engine.sampler import SampleResult, SamplingTensors, sample, targe
 from jaxserve.engine.sampling_inputs import build_sampling_arrays, mask_words, step_token_mask
 from jaxserve.engine.structured import fill_masks, grammar_mask
 from jaxserve.errors import CompileWhileServingError, InvalidConfigError
+from jaxserve.models.ragged import abstract_ragged_inputs, build_ragged_inputs, forward_ragged
+from jaxserve.models.ragged_layout import ragged_layout
 from jaxserve.models.transformer import StepInputs, forward_step, lm_head
 from jaxserve.weights.quantize import ensure_quantized
 
@@ -334,6 +336,11 @@ class ModelRunner:
         # count n micro-batches of n + S - 1 ticks, rotation calls the stages holding a group.
         self.stage_ticks = [0, 0]
         self.rotation_calls = 0
+        # Ragged steps (models/ragged.py; `enable_ragged`, set by the engine before `compile_all`): {T: forward
+        # program} and {N: (LM-head program of N sampled rows, sampler)}.
+        self.ragged = False
+        self._ragged: dict = {}
+        self._heads: dict = {}
 
     # -------------------------------------------------------------- step functions
     def forward(self, params, kv, inp: StepInputs, all_logits: bool = False):
@@ -511,7 +518,7 @@ class ModelRunner:
         `prefill_logits_step`, and the prompt-logprob scorer beside them, where the placement supports prompt
         logprobs). Returns seconds spent."""
         t0 = time.monotonic()
-        todo = [b for b in self.buckets() if b not in self._programs]
+        todo = [b for b in self.buckets() if b not in self._programs] if not self.ragged else []
         step_fns = {}
         scorer = None
         if self.supports_prompt_logprobs:
@@ -519,13 +526,133 @@ class ModelRunner:
             if self._scorer is None:  # beside the step programs (XLA compiles release the GIL)
                 scorer = concurrent.futures.ThreadPoolExecutor(1)
                 future = scorer.submit(self.compile_scorer)
-        self._programs.update(self.compile(self.logits_step, todo, progress=progress, step_fns=step_fns))
+        if todo:
+            self._programs.update(self.compile(self.logits_step, todo, progress=progress, step_fns=step_fns))
+        if self.ragged:
+            self.compile_ragged(progress)
         if self.placement.rotation is not None and self.cfg.pipeline_decode == "rotate":
             self.compile_rotation()
         if scorer is not None:
             self._scorer = future.result()
             scorer.shutdown()
         return time.monotonic() - t0
+
+    # -------------------------------------------------------------- ragged steps
+    def ragged_unsupported(self, explicit: bool = True) -> Optional[str]:
+        """Why this runner cannot run ragged steps (models/ragged.py), or None when it can. `explicit` False (the
+        engine's step_mode "auto"): also None only where ragged steps are the measured default, the XLA path; the
+        Pallas kernels' ragged form (pallas_kernels/engine.py) runs on request (step_mode "ragged") until it has
+        run on a device."""
+        if self.placement.forward is not forward_step:
+            return "pipeline stages run bucketed steps"
+        if self.placement.mesh.devices.size > 1:
+            return "a replica of several devices runs bucketed steps (ragged steps run on one device so far)"
+        if self.cfg.batch_invariant:
+            return "batch_invariant=True keeps bucketed steps (a ragged tile's rows change with the step's mix)"
+        if self.attention_fn is not None:
+            if getattr(self.attention_fn, "ragged", None) is None:
+                return "this attention function has no ragged form"
+            if not explicit:
+                return "the Pallas attention kernels run ragged steps only on request (step_mode='ragged') so far"
+        return None
+
+    def enable_ragged(self) -> None:
+        """Run ragged steps: `compile_all` compiles them (`ragged_ladder`) instead of the (R, Q) buckets."""
+        why = self.ragged_unsupported()
+        if why is not None:
+            raise InvalidConfigError(f"ragged steps are not available here: {why}")
+        self.ragged = True
+
+    def ragged_ladder(self) -> list:
+        """The ragged steps' token counts T (`EngineConfig.token_buckets`)."""
+        return self.cfg.token_buckets()
+
+    def ragged_step(self, params, kv, inp):
+        """The ragged forward as it compiles: ((hidden of the sampled rows' last tokens [S, D], every token's
+        hidden [T, D]), kv)."""
+        last, kv, hidden = forward_ragged(self.model_cfg, params, kv, inp, page_size=self.page_size,
+                                          block_pages=self.cfg.attn_block_pages,
+                                          attention_fn=getattr(self.attention_fn, "ragged", None),
+                                          kv_layout=self.kv_layout if self.kv_layout.grouped else None)
+        return (last, hidden), kv
+
+    def compile_ragged(self, progress=None) -> None:
+        """The ragged step for every T of `ragged_ladder`, and the LM head + sampler for every count of sampled rows
+        (the decode ladder), ahead of time."""
+        fn = self.jit_step(self.ragged_step, sampling=False)
+        p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
+        groups = self.kv_layout.num_groups if self.kv_layout.grouped else None
+        S = self.cfg.max_num_seqs
+        last_abs = []
+
+        def build(T):
+            with jax_config.persistent_cache_min_compile_time_secs(0.0):
+                lowered = fn.lower(p_abs, kv_abs, abstract_ragged_inputs(T, S, self.P, groups))
+                prog = lowered.compile()
+            last_abs.append(lowered.out_info[0][0])
+            return T, prog
+
+        p_sh = jax.tree.map(lambda a: a.sharding, self.params)
+        rep = self.placement.replicated
+
+        def build_head(N):
+            head = jax.jit(lambda params, last: lm_head(self.model_cfg, params, last[:N]),
+                           in_shardings=(p_sh, rep), out_shardings=rep)
+            with jax_config.persistent_cache_min_compile_time_secs(0.0):
+                lowered = head.lower(p_abs, last_abs[0])
+                prog = lowered.compile()
+            _, st = self.abstract_inputs(N, 1)
+            return N, (prog, self._sampler_program(lowered.out_info, st))
+
+        todo = [T for T in self.ragged_ladder() if T not in self._ragged]
+        workers = max(1, min(self.cfg.compile_workers, len(todo) or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+            for T, prog in ex.map(build, todo):
+                self._ragged[T] = prog
+                if progress is not None:
+                    progress((S, T))
+            if not last_abs:  # (every T compiled before)
+                last_abs.append(jax.ShapeDtypeStruct((S, self.model_cfg.hidden_size), jnp.dtype(self.cfg.dtype)))
+            for N, progs in ex.map(build_head, [n for n in self.cfg.decode_buckets() if n not in self._heads]):
+                self._heads[N] = progs
+
+    def _run_ragged(self, rows: list, bucket: tuple, spans: dict):
+        """One ragged step of the scheduler's rows (`execute_scored` for kind "mixed"): the forward of T tokens,
+        then the LM head and the sampler on the rows that sample (none: no head, nothing waited for)."""
+        S, T = bucket
+        prog = self._ragged.get(T)
+        if prog is None:
+            raise CompileWhileServingError(f"no compiled ragged step for T={T}; T: {sorted(self._ragged)}")
+        groups = self.kv_layout.num_groups if self.kv_layout.grouped else 1
+        entries = [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start, row.tables(), row.samples)
+                   for row in rows]
+        inp = build_ragged_inputs(entries, T, S, self.P, self.page_size, groups=groups)
+        sampled = [i for i, row in enumerate(rows) if row.samples]
+        before = compile_count()
+        t0 = time.perf_counter()
+        (last, hidden), self.kv = prog(self.params, self.kv, inp)
+        K = self.max_logprobs
+        tokens = np.zeros((len(rows),), np.int32)
+        lps = np.zeros((len(rows),), np.float32)
+        top_ids = np.full((len(rows), K), -1, np.int32)
+        top_lps = np.full((len(rows), K), -np.inf, np.float32)
+        if sampled:
+            n = len(sampled)
+            N = next(b for b in self.cfg.decode_buckets() if b >= n)
+            head, sampler = self._heads[N]
+            res = sampler(head(self.params, last), self._sampling_arrays([rows[i] for i in sampled], N))
+            out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
+            tokens[sampled], lps[sampled] = out[0][:n], out[1][:n]
+            top_ids[sampled], top_lps[sampled] = out[2][:n], out[3][:n]
+        self.device_seconds += time.perf_counter() - t0
+        scored = {}
+        if spans:
+            _, offsets, _ = ragged_layout([row.num_new for row in rows])
+            scored = self._score_spans(hidden, spans, offsets)
+        if compile_count() != before:
+            raise CompileWhileServingError("an XLA compilation happened while serving")
+        return StepResult(tokens, lps, top_ids, top_lps), scored
 
     # -------------------------------------------------------------- pipelining across steps
     @property
@@ -699,14 +826,20 @@ class ModelRunner:
             return
         self._run(self._program_sets[program_set], tuple(bucket), inputs, sampling, num_rows, spans)
 
-    def _score_spans(self, hidden, spans: dict) -> dict:
-        """Prompt logprobs of `spans` (see `_run`) through the scorer, in calls of `score_rows` positions."""
+    def _score_spans(self, hidden, spans: dict, offsets=None) -> dict:
+        """Prompt logprobs of `spans` (see `_run`) through the scorer, in calls of `score_rows` positions.
+        `offsets` (a ragged step, hidden [T, D]): where each row's first new token sits in the flat array."""
         if hidden is None or self._scorer is None:
             raise InvalidConfigError("this runner's prefill programs have no hidden-state output (prompt logprobs)")
         h = np.asarray(jax.device_get(hidden))  # [R, Q, D]; only steps that ask fetch it
+        if h.ndim == 2:  # a ragged step's [T, D] (indexed on the host: an op on the device array would compile)
+            h = h[None]
         pieces, targets, owners = [], [], []
         for i, (lo, hi, start, tgt) in spans.items():
-            pieces.append(h[i, lo - start:hi - start])
+            if offsets is not None:
+                pieces.append(h[0, offsets[i] + lo - start:offsets[i] + hi - start])
+            else:
+                pieces.append(h[i, lo - start:hi - start])
             targets.append(np.asarray(tgt, np.int32))
             owners.append((i, hi - lo))
         hs, ts = np.concatenate(pieces), np.concatenate(targets)
@@ -735,10 +868,12 @@ class ModelRunner:
     def execute_scored(self, kind: str, rows: list, bucket: tuple, spans: dict):
         """`execute`, and the prompt logprobs of `spans` {row index: (lo, hi)} (positions lo..hi-1 of that
         row's chunk, each scored against the token after it): (StepResult, {row index: PromptLogprobs})."""
+        full = {i: (lo, hi, rows[i].start, rows[i].seq.all_token_ids[lo + 1:hi + 1]) for i, (lo, hi) in spans.items()}
+        if kind == "mixed":
+            return self._run_ragged(rows, bucket, full)
         R, Q = bucket
         inp = self.step_inputs(R, Q, [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start,
                                        row.tables()) for row in rows])
-        full = {i: (lo, hi, rows[i].start, rows[i].seq.all_token_ids[lo + 1:hi + 1]) for i, (lo, hi) in spans.items()}
         return self._run(self._programs, bucket, inp, self._sampling_arrays(rows, R), len(rows), full)
 
     def synthetic_tables(self, rows: int, context: int, start: Optional[int] = None) -> list:
@@ -833,6 +968,11 @@ class ModelRunner:
     def programs(self) -> dict:
         """The engine's compiled programs, {(R, Q): program} (`compile_all`), for `run`."""
         return self._programs
+
+    @property
+    def ragged_programs(self) -> dict:
+        """The compiled ragged steps' forward programs, {T: program} (`compile_ragged`)."""
+        return self._ragged
 
     def compiled_buckets(self) -> list:
         return sorted(self._programs)

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.request import Priority, Sequence, Status
+from jaxserve.models.ragged_layout import TILE, ragged_size
 
 
 @dataclass
@@ -52,9 +53,9 @@ class ScheduledRow:
 
 @dataclass
 class SchedulerOutput:
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "mixed" (a ragged step: decodes and prompt chunks in one flat array)
     rows: list
-    bucket: tuple  # (R, Q) program shape
+    bucket: tuple  # (R, Q) program shape; a mixed step's (rows, T): T its flat token count
     preempted: list = field(default_factory=list)
     rotate: bool = False  # a decode group entering the pipeline (None bucket: nothing enters, it only advances)
 
@@ -111,6 +112,9 @@ class Scheduler:
         self.rotation = 0
         self.in_flight: dict = {}  # seq_id -> Sequence
         self._calls_since_prefill = 1 << 30
+        # Ragged steps (set by the engine when its runner has them, models/ragged.py): every step is one "mixed"
+        # step of T flat tokens from this ladder, all decodes first, then prompt chunks in the rest of the budget.
+        self.ragged_ladder: Optional[list] = None
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -184,6 +188,8 @@ class Scheduler:
             if out is None and decodes:
                 self._static_open = False
                 out = self._schedule_decode(preempted)
+        elif self.ragged_ladder:
+            out = self._schedule_mixed(preempted)
         else:
             # One decode step per prefill step; rotating decode groups: up to S (a call advances 1/S of the decodes).
             rotating = self.rotation and (self.in_flight or len(decodes) >= self.rotation)
@@ -297,18 +303,33 @@ class Scheduler:
         return True
 
     def _schedule_decode(self, preempted: list) -> Optional[SchedulerOutput]:
-        rows: list = []
-        scheduled: set = set(self.in_flight.values())  # (never preempted: their pages are still being written)
-        order = sorted((s for s in self.running if not s.in_prefill and s.seq_id not in self.in_flight),
-                       key=lambda s: (int(s.priority), s.metrics.arrival, s.seq_id))
-        cap = self.cfg.max_num_seqs
         decoding = sum(1 for s in self.running if not s.in_prefill)
         # One group of ~1/S of the decoding sequences; every group in flight shares its bucket. Fewer decoding
         # sequences than stages cannot keep them busy (a sequence's tokens depend on each other): one GPipe step
         # then gives the same stage use in one call instead of S.
         rotate = bool(self.rotation) and (decoding >= self.rotation or bool(self.in_flight))
+        cap = self.cfg.max_num_seqs
         if rotate:
             cap = min(cap, -(-decoding // self.rotation))
+        rows = self._decode_rows(preempted, cap)
+        if not rows:
+            return None
+        width = len(rows)
+        if self.mode == "static":  # the batch holds its slots until its last sequence finishes
+            width = min(max(width, self._static_batch), self.decode_ladder[-1])
+        if rotate:
+            width = cap
+            for row in rows:
+                self.in_flight[row.seq.seq_id] = row.seq
+        return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1), rotate=rotate)
+
+    def _decode_rows(self, preempted: list, cap: int) -> list:
+        """One-token rows for up to `cap` decoding sequences (priority, then arrival order) whose next slot fits,
+        preempting the lowest-priority newest sequences (never one in flight) to make room."""
+        rows: list = []
+        scheduled: set = set(self.in_flight.values())  # (never preempted: their pages are still being written)
+        order = sorted((s for s in self.running if not s.in_prefill and s.seq_id not in self.in_flight),
+                       key=lambda s: (int(s.priority), s.metrics.arrival, s.seq_id))
         for seq in order[:cap]:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
@@ -324,16 +345,57 @@ class Scheduler:
             if fits:
                 rows.append(ScheduledRow(seq, seq.num_computed_tokens, 1))
                 scheduled.add(seq)
+        return rows
+
+    def _schedule_mixed(self, preempted: list) -> Optional[SchedulerOutput]:
+        """A ragged step (vLLM v1's policy): every decoding sequence's next token first, then prompt chunks (those
+        mid-prompt first, then admissions in priority order) in what is left of `max_num_batched_tokens`. A chunk
+        cut short ends on a tile boundary (models/ragged.py lays chunks out tile-aligned), so only a prompt's last
+        chunk pads; T is the smallest ladder entry holding the layout."""
+        rows = self._decode_rows(preempted, self.cfg.max_num_seqs)
+        sizes = [1] * len(rows)
+        budget = self.cfg.max_num_batched_tokens
+        cut_min = max(2, TILE // 2)
+
+        def take(seq: Sequence) -> bool:
+            left = budget - ragged_size(sizes)
+            remaining = seq.num_uncomputed
+            n = remaining
+            if left <= 0:
+                return False
+            if ragged_size(sizes + [n]) > budget:
+                n = left // TILE * TILE or min(left, cut_min - 1, remaining)
+            if not self.bm.ensure_capacity(seq.seq_id, seq.num_computed_tokens + n):
+                return False
+            rows.append(ScheduledRow(seq, seq.num_computed_tokens, n))
+            sizes.append(n)
+            return True
+
+        for seq in sorted((s for s in self.running if s.in_prefill), key=lambda s: (int(s.priority), s.metrics.arrival)):
+            if not take(seq):
+                break
+        if self.waiting and ragged_size(sizes) < budget:
+            self._order_waiting()
+            for seq in list(self.waiting):
+                if ragged_size(sizes) >= budget:
+                    break
+                if len(self.running) >= self.cfg.max_num_seqs:
+                    if not self._make_room_for(seq, preempted, rows):
+                        break
+                self._admit(seq)
+                if not take(seq):
+                    if self._make_room_for(seq, preempted, rows) and take(seq):
+                        continue
+                    self.running.remove(seq)
+                    self.bm.free(seq.seq_id)
+                    seq.status = Status.WAITING
+                    seq.num_computed_tokens = 0
+                    self.waiting.append(seq)
+                    break
         if not rows:
             return None
-        width = len(rows)
-        if self.mode == "static":  # the batch holds its slots until its last sequence finishes
-            width = min(max(width, self._static_batch), self.decode_ladder[-1])
-        if rotate:
-            width = cap
-            for row in rows:
-                self.in_flight[row.seq.seq_id] = row.seq
-        return SchedulerOutput("decode", rows, (bucket_for(self.decode_ladder, width), 1), rotate=rotate)
+        size = ragged_size([r.num_new for r in rows])
+        return SchedulerOutput("mixed", rows, (self.cfg.max_num_seqs, bucket_for(self.ragged_ladder, size)))
 
     # ---------------------------------------------------------------- after the step
     def update(self, out: SchedulerOutput, emitted: list, now: float,

@@ -28,39 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.ragged_layout import TILE, is_chunk, ragged_layout
 from jaxserve.models.transformer import (StepInputs, _paged_attention, decoder_layers, embed_tokens,
                                          rope_inv_freq)
-
-TILE = 16  # tokens per attention tile of a ragged step (the chunk alignment)
-
-
-def is_chunk(num_new: int, tile: int = TILE) -> bool:
-    """Whether a row of `num_new` tokens is laid out as a chunk (tile-aligned, padded to whole tiles)."""
-    return num_new >= max(2, tile // 2)
-
-
-def ragged_layout(num_new, tile: int = TILE):
-    """(order, offsets, size) of rows with `num_new` new tokens each: `order` the rows in layout order (chunks
-    first, then packed rows, each group in the given order), `offsets[i]` where row i's first token sits, `size`
-    the tokens the layout spans (chunks padded to whole tiles, packed rows not). The step's T is any power of two
-    >= size (`ragged_size`)."""
-    chunks = [i for i, n in enumerate(num_new) if is_chunk(n, tile)]
-    packed = [i for i, n in enumerate(num_new) if not is_chunk(n, tile)]
-    offsets = [0] * len(num_new)
-    at = 0
-    for i in chunks:
-        offsets[i] = at
-        at += -(-num_new[i] // tile) * tile
-    for i in packed:
-        offsets[i] = at
-        at += num_new[i]
-    return chunks + packed, offsets, at
-
-
-def ragged_size(num_new, tile: int = TILE) -> int:
-    """Tokens the layout of rows with `num_new` new tokens spans (see `ragged_layout`)."""
-    return sum(-(-n // tile) * tile if is_chunk(n, tile) else n for n in num_new)
-
 
 class RaggedInputs(NamedTuple):
     """One ragged step's inputs (host numpy or device arrays). T tokens, S rows (sequences), P pages per table,
@@ -75,6 +45,14 @@ class RaggedInputs(NamedTuple):
     tile_rows: jax.Array  # i32[T // tile]  the chunk row filling each tile, -1 for a token-by-token tile
     sample_idx: jax.Array  # i32[S]    flat index of the last token of each row that samples (in the caller's
     #                                  order of sampled rows; 0 past them)
+    # For kernels that take rows back to back (the Pallas ragged kernel, pallas_kernels/engine.py): the rows in
+    # layout order, their real tokens' cumulative counts, how many rows, and the two index maps between the flat
+    # array and those tokens packed with no padding.
+    kernel_rows: jax.Array  # i32[S]   row at each layout place (0 past the rows)
+    cu_q_lens: jax.Array  # i32[S + 1] cumulative new tokens of the rows in layout order
+    num_rows: jax.Array  # i32[1]
+    compact_idx: jax.Array  # i32[T]   flat index of the j-th real token (layout order); 0 past them
+    expand_idx: jax.Array  # i32[T]    each flat token's place among the real tokens (0 for padding)
 
 
 def tile_size(T: int, tile: int = TILE) -> int:
@@ -92,7 +70,7 @@ def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups:
         raise ValueError(f"{len(entries)} rows do not fit a ragged step of {S} rows")
     if any(n <= 0 for n in num_new):
         raise ValueError("every row of a ragged step needs at least one new token")
-    _, offsets, size = ragged_layout(num_new, tile)
+    order, offsets, size = ragged_layout(num_new, tile)
     if size > T:
         raise ValueError(f"rows of {num_new} new tokens span {size} > T={T} tokens")
     ts = tile_size(T, tile)
@@ -105,6 +83,16 @@ def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups:
     tile_rows = np.full((T // ts,), -1, np.int32)
     sample_idx = np.zeros((S,), np.int32)
     n_sampled = 0
+    kernel_rows = np.zeros((S,), np.int32)
+    kernel_rows[:len(order)] = order
+    cu_q_lens = np.zeros((S + 1,), np.int32)
+    cu_q_lens[1:len(order) + 1] = np.cumsum([num_new[i] for i in order])
+    cu_q_lens[len(order) + 1:] = cu_q_lens[len(order)]
+    real = np.concatenate([np.arange(offsets[i], offsets[i] + num_new[i]) for i in order]).astype(np.int32)
+    compact_idx = np.zeros((T,), np.int32)
+    compact_idx[:len(real)] = real
+    expand_idx = np.zeros((T,), np.int32)
+    expand_idx[real] = np.arange(len(real), dtype=np.int32)
     for i, ((toks, start, bt, samples), off, n) in enumerate(zip(entries, offsets, num_new)):
         pos = np.arange(start, start + n, dtype=np.int32)
         tokens[off:off + n] = toks
@@ -126,7 +114,8 @@ def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups:
             n_sampled += 1
     if groups == 1:
         block_tables, slots = block_tables[0], slots[0]
-    return RaggedInputs(tokens, positions, rows, kv_lens, block_tables, slots, tile_rows, sample_idx)
+    return RaggedInputs(tokens, positions, rows, kv_lens, block_tables, slots, tile_rows, sample_idx, kernel_rows,
+                        cu_q_lens, np.asarray([len(entries)], np.int32), compact_idx, expand_idx)
 
 
 def abstract_ragged_inputs(T: int, S: int, P: int, groups: Optional[int] = None,
@@ -136,7 +125,8 @@ def abstract_ragged_inputs(T: int, S: int, P: int, groups: Optional[int] = None,
     sd = jax.ShapeDtypeStruct
     G = (groups,) if groups else ()
     return RaggedInputs(sd((T,), i32), sd((T,), i32), sd((T,), i32), sd((S,), i32), sd(G + (S, P), i32),
-                        sd(G + (T,), i32), sd((T // tile_size(T, tile),), i32), sd((S,), i32))
+                        sd(G + (T,), i32), sd((T // tile_size(T, tile),), i32), sd((S,), i32), sd((S,), i32),
+                        sd((S + 1,), i32), sd((1,), i32), sd((T,), i32), sd((T,), i32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,12 +134,15 @@ def abstract_ragged_inputs(T: int, S: int, P: int, groups: Optional[int] = None,
 # ----------------------------------------------------------------------------------------------
 
 
-def ragged_attention_xla(cfg: ModelConfig, q, k_cache, v_cache, layer, block_tables, kv_lens, positions, rows,
-                         tile_rows, window, *, page_size: int, block_pages: int):
-    """q [T, Hq, hd] of the flat tokens against their rows' pages -> [T, Hq, hd] (see the module docstring).
+def ragged_attention_xla(cfg: ModelConfig, q, k_cache, v_cache, layer, block_tables, inp: RaggedInputs, window, *,
+                         page_size: int, block_pages: int):
+    """q [T, Hq, hd] of the flat tokens against their rows' pages -> [T, Hq, hd] (see the module docstring);
+    block_tables [S, P]: this layer's page group's tables; the rest of the layout from `inp`.
 
     Tile by tile (a lax.map): a chunk tile (`tile_rows[i]` >= 0) is one row's block of queries; any other tile
-    goes token by token (each token its own row's table and its own causal length pos + 1)."""
+    goes token by token (each token its own row's table and its own causal length pos + 1). (The Pallas kernels'
+    form of this function: pallas_kernels/engine.py, `engine_attention_fn(...).ragged`.)"""
+    positions, rows, tile_rows = inp.positions, inp.rows, inp.tile_rows
     T = q.shape[0]
     ts = T // tile_rows.shape[0]
     qt = q.reshape(-1, ts, *q.shape[1:])
@@ -205,8 +198,8 @@ def forward_ragged(cfg: ModelConfig, params, kv, inp: RaggedInputs, *, page_size
 
     def attention(cfg_, q, k_cache, v_cache, layer, block_tables, kv_lens, q_pos, window, *, page_size,
                   block_pages, batch_invariant=False):
-        out = attn(cfg_, q[0], k_cache, v_cache, layer, block_tables, kv_lens, positions, inp.rows,
-                   inp.tile_rows, window, page_size=page_size, block_pages=block_pages)
+        out = attn(cfg_, q[0], k_cache, v_cache, layer, block_tables, inp, window, page_size=page_size,
+                   block_pages=block_pages)
         return out[None]
 
     view = StepInputs(inp.tokens[None], positions[None], jnp.full((1,), T, jnp.int32), inp.kv_lens,

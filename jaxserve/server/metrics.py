@@ -60,6 +60,8 @@ class _EngineCollector:
             ("jaxserve_generation_tokens", "Tokens generated", "generation_tokens"),
             ("jaxserve_prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)", "prompt_tokens_computed"),
             ("jaxserve_engine_steps", "Engine steps run", "steps"),
+            ("jaxserve_mixed_steps", "Ragged steps that computed prompt chunks and decode tokens together",
+             "mixed_steps"),
             ("jaxserve_preemptions", "Sequences preempted (pages freed, recomputed later)", "num_preemptions"),
             ("jaxserve_requests_finished", "Requests finished (stop or length)", "requests_finished"),
             ("jaxserve_requests_aborted", "Requests aborted (client gone, shutdown)", "requests_aborted"),

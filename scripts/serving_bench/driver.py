@@ -23,6 +23,7 @@ def _engine_counters(engine) -> dict:
         "prefill_tokens": s.kind_tokens["prefill"], "decode_rows": s.kind_tokens["decode"],
         "prefill_s": s.kind_seconds["prefill"], "decode_s": s.kind_seconds["decode"], "busy_s": s.busy_seconds,
         "preemptions": engine.scheduler.num_preemptions,
+        "mixed_steps": s.mixed_steps, "prefill_computed_tokens": s.padded_prompt_tokens,
         "prefix_query_tokens": bm["prefix_query_tokens"], "prefix_hit_tokens": bm["prefix_hit_tokens"],
     }
 
@@ -30,6 +31,8 @@ def _engine_counters(engine) -> dict:
 def _counter_delta(before: dict, after: dict) -> dict:
     d = {k: after[k] - before[k] for k in before}
     d["mean_decode_batch"] = d["decode_rows"] / d["decode_steps"] if d["decode_steps"] else None
+    # token slots the prefill (or ragged) programs computed per real prompt token (padding's cost)
+    d["prefill_computed_ratio"] = d["prefill_computed_tokens"] / d["prefill_tokens"] if d["prefill_tokens"] else None
     d["prefix_hit_rate"] = (d["prefix_hit_tokens"] / d["prefix_query_tokens"]) if d["prefix_query_tokens"] else 0.0
     return d
 

@@ -128,15 +128,15 @@ def print_report(res: dict) -> None:
           f"p50/mean/max {w['output_tokens_p50']:.0f}/{w['output_tokens_mean']:.0f}/{w['output_tokens_max']}, "
           f"{w['output_tokens_total']} output tokens in total")
     print("\n| workload | engine | output tok/s | req/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
-          "| TPOT p99 (ms) | mean decode batch / max running | wall (s) | output tok per CPU-s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| TPOT p99 (ms) | mean decode batch / max running | wall (s) | output tok per CPU-s | prefill computed / real |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["runs"]:
         s, e = r["summary"], r["engine"]
         print(f"| {r['mode']} | jaxserve {r['scheduler']} (max_num_seqs {r['max_num_seqs']}) | "
               f"{_f(s['output_tok_s'])} | {_f(s['requests_s'], 3)} | {_f(s['ttft_ms_p50'], 0)} | "
               f"{_f(s['ttft_ms_p99'], 0)} | {_f(s['tpot_ms_p50'])} | {_f(s['tpot_ms_p99'])} | "
               f"{_f(e['mean_decode_batch'])} / {e['max_running']} | {_f(s['duration_s'])} | "
-              f"{_f(s.get('output_tok_per_cpu_s'))} |")
+              f"{_f(s.get('output_tok_per_cpu_s'))} | {_f(e.get('prefill_computed_ratio'), 2)} |")
     hf = res.get("hf")
     if hf and "output_tok_s" in hf:
         print(f"| offline, first {hf['num_requests']} requests | {hf['engine']}, batch {hf['batch_size']} | "

@@ -77,6 +77,11 @@ def parse_args(argv=None):
     ap.add_argument("--sweep", type=int, nargs="*", help="max_num_seqs values (default 1 2 4 8 16 32 64)")
     ap.add_argument("--sweep-requests", type=int,
                     help="run sweep points on the first N workload requests (default: all)")
+    ap.add_argument("--step-mode", default="auto", choices=["auto", "ragged", "buckets"],
+                    help="EngineConfig.step_mode of the continuous engines (the static engine runs bucketed steps)")
+    ap.add_argument("--compare-buckets", action="store_true",
+                    help="also run the offline (and Poisson) workload on a continuous engine with step_mode='buckets' "
+                         "(scheduler label 'continuous-buckets'), side by side with --step-mode's")
     ap.add_argument("--no-static", action="store_true")
     ap.add_argument("--no-poisson", action="store_true")
     ap.add_argument("--no-prefix", action="store_true")
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
                             dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
 
     log(f"building continuous engine {base_kw}")
-    llm = make_llm(args.model, args.random_weights, scheduler="continuous", **base_kw)
+    llm = make_llm(args.model, args.random_weights, scheduler="continuous", step_mode=args.step_mode, **base_kw)
     tok = llm.tokenizer
     bos = llm.model_config.bos_token_id
     corpus = corpus_token_ids(tok)
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
         s = r["summary"]
         log(f"{mode} {scheduler}: {s['output_tok_s']:.1f} out tok/s, {s['requests_s']:.3f} req/s, TTFT p50 "
             f"{s['ttft_ms_p50']:.0f} ms, TPOT p50 {_f(s['tpot_ms_p50'])} ms, wall {s['duration_s']:.1f}s, mean decode "
-            f"batch {_f(r['engine']['mean_decode_batch'])}")
+            f"batch {_f(r['engine']['mean_decode_batch'])}, prefill computed/real {_f(r['engine']['prefill_computed_ratio'])}")
         save()
         return entry
 
@@ -170,6 +175,18 @@ def main(argv=None) -> int:
     if not args.no_poisson:
         results_by[("poisson", "continuous")] = record(f"poisson {args.rate:g} req/s", "continuous", llm, desc_cont,
                                                         run_workload(llm, reqs, arrivals, label="poi-cont"))
+
+    if args.compare_buckets:
+        llm_b = make_llm(args.model, args.random_weights, scheduler="continuous", step_mode="buckets", **base_kw)
+        desc_b = describe_engine(llm_b, args.model)
+        warm_up(llm_b, corpus)
+        results_by[("offline", "continuous-buckets")] = record("offline", "continuous-buckets", llm_b, desc_b,
+                                                                run_workload(llm_b, reqs, label="off-buck"))
+        if not args.no_poisson:
+            results_by[("poisson", "continuous-buckets")] = record(
+                f"poisson {args.rate:g} req/s", "continuous-buckets", llm_b, desc_b,
+                run_workload(llm_b, reqs, arrivals, label="poi-buck"))
+        release(llm_b)
 
     # jaxserve on the HF subset (same requests HF will run), for an apples-to-apples row.
     hf_n = min(args.hf_max_requests or len(reqs), len(reqs))  # 0 = all
@@ -228,7 +245,7 @@ def main(argv=None) -> int:
     if not args.no_prefix:
         log("building engine with enable_prefix_caching=False")
         llm = make_llm(args.model, args.random_weights, scheduler="continuous", enable_prefix_caching=False,
-                       **base_kw)
+                       step_mode=args.step_mode, **base_kw)
         warm_up(llm, corpus)
         res["prefix"]["off"] = run_prefix_experiment(llm, system, warm_prompt, pprompts, args.prefix_output_len,
                                                      label="pc-off", burst=not args.no_prefix_burst)
@@ -264,6 +281,9 @@ def main(argv=None) -> int:
                 c = results_by[(mode, "continuous")]["summary"]["output_tok_per_cpu_s"]
                 s = results_by[(mode, "static")]["summary"]["output_tok_per_cpu_s"]
                 res["ratios_cpu"] = {**res.get("ratios_cpu", {}), mode: c / s}
+                if (mode, "continuous-buckets") in results_by:
+                    c = results_by[(mode, "continuous-buckets")]["summary"]["output_tok_s"]
+                    res["ratios_buckets"] = {**res.get("ratios_buckets", {}), mode: c / s}
         res["offline_ratio_bound"] = decode_step_bound([r.output_len for r in reqs], args.max_num_seqs)
         if ("offline", "static") in results_by:
             res["offline_replay"] = {m: replay_schedule(reqs, *replay_setup, m) for m in ("continuous", "static")}
@@ -275,7 +295,7 @@ def main(argv=None) -> int:
         if b in sweep_points:
             continue
         log(f"building continuous engine max_num_seqs={b}")
-        llm = make_llm(args.model, args.random_weights, scheduler="continuous",
+        llm = make_llm(args.model, args.random_weights, scheduler="continuous", step_mode=args.step_mode,
                        **{**base_kw, "max_num_seqs": b})
         desc = describe_engine(llm, args.model)
         warm_up(llm, corpus)
