@@ -158,7 +158,7 @@ LAST_SECONDS = {
     "test_families_gguf": 251, "test_kv_reclaim": 200,
     "test_batch_job": 100, "test_spmd_serving": 620, "test_spmd_channel": 200,
     "test_lm_eval_real": 95, "test_eval_quality": 91, "test_speculative": 89, "test_pallas_decode": 83,
-    "test_moe": 78, "test_multihost": 78, "test_structured": 70, "test_tokenizer": 66,
+    "test_moe": 78, "test_multihost": 78, "test_structured": 70, "test_tokenizer": 66, "test_ragged": 200,
 }
 
 
