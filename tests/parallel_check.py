@@ -46,7 +46,8 @@ def hlo_report(llm) -> dict:
 
     r0 = _runners(llm)[0]
     if r0.ragged:  # a one-device replica runs ragged steps (models/ragged.py): its largest decode-sized program
-        txt = r0.ragged_programs[min(t for t in r0.ragged_ladder() if t >= r0.cfg.max_num_seqs)].as_text()
+        bucket = (r0.cfg.max_num_seqs, min(t for t in r0.ragged_ladder() if t >= r0.cfg.max_num_seqs))
+        txt = r0.ragged_programs[bucket[1]].as_text()
     else:
         bucket = max(b for b in r0.compiled_buckets() if b[1] == 1)
         txt = r0.programs[bucket].as_text()

@@ -322,7 +322,7 @@ def test_data_parallel_router_spreads_requests_and_pools_metrics():
     engines = []
     for _ in range(2):
         rr = ModelRunner(base.model_config, base.engine_config, r.params, r.num_pages)
-        rr._programs = dict(r._programs)  # same shapes and shardings: the compiled programs apply as they are
+        rr.share_programs(r)  # same shapes and shardings: the compiled programs apply as they are
         engines.append(LLMEngine(base.model_config, base.engine_config, None, base.tokenizer, num_pages=r.num_pages,
                                  runner=rr))
     dp = DataParallelEngine(engines)
@@ -360,7 +360,7 @@ def _two_replicas(**dp_kw):
     engines = []
     for _ in range(2):
         rr = ModelRunner(base.model_config, base.engine_config, r.params, r.num_pages)
-        rr._programs = dict(r._programs)
+        rr.share_programs(r)
         engines.append(LLMEngine(base.model_config, base.engine_config, None, base.tokenizer, num_pages=r.num_pages,
                                  runner=rr))
     return base, engines, DataParallelEngine(engines, **dp_kw)

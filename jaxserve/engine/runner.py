@@ -969,6 +969,14 @@ class ModelRunner:
         """The engine's compiled programs, {(R, Q): program} (`compile_all`), for `run`."""
         return self._programs
 
+    def share_programs(self, other: "ModelRunner") -> None:
+        """Use `other`'s compiled programs (a runner of the same model, config and placement shapes: the programs
+        apply as they are), instead of compiling them again (tests build replicas this way)."""
+        self._programs = dict(other._programs)
+        self._program_sets[0] = self._programs
+        self._ragged, self._heads = dict(other._ragged), dict(other._heads)
+        self._samplers, self._scorer = dict(other._samplers), other._scorer
+
     @property
     def ragged_programs(self) -> dict:
         """The compiled ragged steps' forward programs, {T: program} (`compile_ragged`)."""
