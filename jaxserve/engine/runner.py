@@ -618,41 +618,58 @@ class ModelRunner:
                 self._heads[N] = progs
 
     def _run_ragged(self, rows: list, bucket: tuple, spans: dict):
-        """One ragged step of the scheduler's rows (`execute_scored` for kind "mixed"): the forward of T tokens,
-        then the LM head and the sampler on the rows that sample (none: no head, nothing waited for)."""
+        """One ragged step of the scheduler's rows (`execute_scored` for kind "mixed"): host inputs, then
+        `_ragged_call`; the results of the rows that sample, in row order (zeros for the others)."""
         S, T = bucket
-        prog = self._ragged.get(T)
-        if prog is None:
-            raise CompileWhileServingError(f"no compiled ragged step for T={T}; T: {sorted(self._ragged)}")
         groups = self.kv_layout.num_groups if self.kv_layout.grouped else 1
         entries = [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start, row.tables(), row.samples)
                    for row in rows]
         inp = build_ragged_inputs(entries, T, S, self.P, self.page_size, groups=groups)
         sampled = [i for i, row in enumerate(rows) if row.samples]
-        before = compile_count()
-        t0 = time.perf_counter()
-        (last, hidden), self.kv = prog(self.params, self.kv, inp)
+        n = len(sampled)
+        sampling = None
+        if n:
+            sampling = self._sampling_arrays([rows[i] for i in sampled], next(b for b in self.cfg.decode_buckets()
+                                                                              if b >= n))
+        offsets = ragged_layout([row.num_new for row in rows])[1] if spans else None
+        res, scored = self._ragged_call(tuple(bucket), inp, sampling, n, spans, offsets)
         K = self.max_logprobs
         tokens = np.zeros((len(rows),), np.int32)
         lps = np.zeros((len(rows),), np.float32)
         top_ids = np.full((len(rows), K), -1, np.int32)
         top_lps = np.full((len(rows), K), -np.inf, np.float32)
-        if sampled:
-            n = len(sampled)
-            N = next(b for b in self.cfg.decode_buckets() if b >= n)
-            head, sampler = self._heads[N]
-            res = sampler(head(self.params, last), self._sampling_arrays([rows[i] for i in sampled], N))
-            out = jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs))
-            tokens[sampled], lps[sampled] = out[0][:n], out[1][:n]
-            top_ids[sampled], top_lps[sampled] = out[2][:n], out[3][:n]
+        if n:
+            tokens[sampled], lps[sampled], top_ids[sampled], top_lps[sampled] = res
+        return StepResult(tokens, lps, top_ids, top_lps), scored
+
+    def _ragged_call(self, bucket: tuple, inp, sampling: Optional[SamplingTensors], n: int, spans: dict = None,
+                     offsets=None):
+        """Run a ragged step's programs on host inputs: the forward of T tokens, then (n > 0) the LM head and the
+        sampler on the first n of `sampling`'s rows, fetched; the prompt logprobs of `spans` ({row: (lo, hi, start,
+        targets)}, the rows' flat `offsets`). Mirrored like `_run` (program set -2), so `follow_step` replays it.
+        Returns (the n rows' (tokens, logprobs, top ids, top logprobs) or None, {row: PromptLogprobs})."""
+        S, T = bucket
+        prog = self._ragged.get(T)
+        if prog is None:
+            raise CompileWhileServingError(f"no compiled ragged step for T={T}; T: {sorted(self._ragged)}")
+        if self.mirror is not None:
+            self.mirror(-2, bucket, inp, sampling, n, (spans, offsets) if spans else None)
+        placed, placed_st = self.place_inputs((inp, sampling))
+        before = compile_count()
+        t0 = time.perf_counter()
+        (last, hidden), self.kv = prog(self.params, self.kv, placed)
+        out = None
+        if n:
+            head, sampler = self._heads[sampling.temperature.shape[0]]
+            res = sampler(head(self.params, last), placed_st)
+            out = tuple(a[:n] for a in jax.device_get((res.tokens, res.logprob, res.top_ids, res.top_logprobs)))
+        elif self.mirror is not None:
+            last.block_until_ready()  # (a step the followers must have read before the next message: see _run)
         self.device_seconds += time.perf_counter() - t0
-        scored = {}
-        if spans:
-            _, offsets, _ = ragged_layout([row.num_new for row in rows])
-            scored = self._score_spans(hidden, spans, offsets)
+        scored = self._score_spans(hidden, spans, offsets) if spans else {}
         if compile_count() != before:
             raise CompileWhileServingError("an XLA compilation happened while serving")
-        return StepResult(tokens, lps, top_ids, top_lps), scored
+        return out, scored
 
     # -------------------------------------------------------------- pipelining across steps
     @property
@@ -823,6 +840,9 @@ class ModelRunner:
         devices take part in the step's collectives and its KV shards stay in step; the results are dropped."""
         if program_set == -1:  # a pipeline's rotating decode call (`_rotation_call`)
             self._rotation_call(bucket[0], inputs, sampling, num_rows)
+            return
+        if program_set == -2:  # a ragged step (`_ragged_call`)
+            self._ragged_call(tuple(bucket), inputs, sampling, num_rows, *(spans or ({}, None)))
             return
         self._run(self._program_sets[program_set], tuple(bucket), inputs, sampling, num_rows, spans)
 
