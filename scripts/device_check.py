@@ -610,7 +610,7 @@ def _time_ragged_decode(runner, tables, context, repeats):
     batch = len(tables)
     T = min(t for t in runner.ragged_ladder() if t >= batch)
     N = min(n for n in runner.cfg.decode_buckets() if n >= batch)
-    groups = runner.kv_layout.num_groups if runner.kv_layout.grouped else 1
+    groups = runner.kv_layout.num_groups if runner.kv_layout.grouped else None
     inp = build_ragged_inputs([([5], context - 1, t, True) for t in tables], T, runner.cfg.max_num_seqs, runner.P,
                               runner.page_size, groups=groups)
     st = runner.sampling_inputs([SamplingRow(SamplingParams(temperature=0.0), [], 0, 0, None, [])] * batch, N)

@@ -176,7 +176,8 @@ def test_run_workload_tiny_offline_poisson_static():
     assert poi["summary"]["duration_s"] >= arr[-1]
     assert not llm.engine.has_unfinished_requests()
 
-    with sibling(llm, scheduler="static") as static:
+    # (the static scheduler runs bucketed steps: its sibling shares a bucketed engine's runner)
+    with sibling(get_llm("tiny-llama", **TINY_KW, step_mode="buckets"), scheduler="static") as static:
         assert static.engine.scheduler.mode == "static"
         st = bs.run_workload(static, reqs, label="t-static")
     _check_run(st, reqs)
@@ -186,7 +187,7 @@ def test_run_workload_tiny_offline_poisson_static():
     # The host-only replay of the scheduler takes exactly the steps the real runs took.
     setup = (llm.engine_config, llm.engine.num_pages, llm.engine.max_model_len)
     for run, mode in ((off, "continuous"), (st, "static")):
-        rp = bs.replay_schedule(reqs, *setup, mode)
+        rp = bs.replay_schedule(reqs, *setup, mode, ragged=mode == "continuous" and llm.engine.ragged)
         for k in ("prefill_steps", "decode_steps", "decode_rows"):
             assert rp[k] == run["engine"][k], (mode, k, rp[k], run["engine"][k])
         assert sum(rp["decode_buckets"].values()) == rp["decode_steps"]

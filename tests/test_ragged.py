@@ -55,7 +55,7 @@ def test_builder_places_every_token(case, extra):
     T = _pow2(size) << extra
     S = len(rows) + extra
     P = max(len(r[2][0] if groups > 1 else r[2]) for r in rows) + extra
-    inp = build_ragged_inputs(rows, T, S, P, ps, groups=groups)
+    inp = build_ragged_inputs(rows, T, S, P, ps, groups=groups if groups > 1 else None)
     order, offsets, span = ragged_layout(num_new)
     assert span == size <= T
     slots = inp.slots if groups > 1 else inp.slots[None]
@@ -101,6 +101,9 @@ def test_builder_refuses_what_does_not_fit():
         build_ragged_inputs(rows * 2, 64, 1, 8, 4)
     with pytest.raises(ValueError, match="pages"):
         build_ragged_inputs(rows, 32, 1, 2, 4)
+    # a grouped KV layout of one page group (every layer sliding, e.g. Mistral) keeps its group axis
+    one = build_ragged_inputs(rows, 32, 2, 8, 4, groups=1)
+    assert one.block_tables.shape == (1, 2, 8) and one.slots.shape == (1, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,7 +154,7 @@ def test_mixed_steps_match_the_reference(model, grouped):
                 seqs[s].append(int(rng.integers(3, cfg.vocab_size)))
             entries.append((seqs[s][done[s]:done[s] + n], done[s], pages.table(s, done[s] + n), True))
         T = _pow2(ragged_size([len(e[0]) for e in entries]))
-        inp = build_ragged_inputs(entries, T, 8, P, ps, groups=G)
+        inp = build_ragged_inputs(entries, T, 8, P, ps, groups=G if grouped and layout.grouped else None)
         last, kv, hidden = fn(params, kv, jax.tree.map(jnp.asarray, inp))
         _, offsets, _ = ragged_layout([len(e[0]) for e in entries])
         got_last = lm_head(cfg, params, last[:len(entries)])

@@ -621,7 +621,7 @@ class ModelRunner:
         """One ragged step of the scheduler's rows (`execute_scored` for kind "mixed"): host inputs, then
         `_ragged_call`; the results of the rows that sample, in row order (zeros for the others)."""
         S, T = bucket
-        groups = self.kv_layout.num_groups if self.kv_layout.grouped else 1
+        groups = self.kv_layout.num_groups if self.kv_layout.grouped else None
         entries = [(row.seq.all_token_ids[row.start:row.start + row.num_new], row.start, row.tables(), row.samples)
                    for row in rows]
         inp = build_ragged_inputs(entries, T, S, self.P, self.page_size, groups=groups)

@@ -59,13 +59,16 @@ def tile_size(T: int, tile: int = TILE) -> int:
     return min(T, tile)
 
 
-def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups: int = 1,
+def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups: Optional[int] = None,
                         tile: int = TILE) -> RaggedInputs:
     """Host arrays of one ragged step. `entries`: per row, (token ids of its new positions, position of the first,
-    block table or a tuple of one table per page group, whether it samples). Row i of the per-row arrays is
+    block table or a tuple of one table per page group, whether it samples). `groups`: the KV layout's page groups
+    (config.KVLayout.num_groups of a grouped layout: tables and slots get a group axis, even for one group); None:
+    one plain table per row. Row i of the per-row arrays is
     entries[i] (the layout order only decides where tokens sit); `sample_idx` lists the sampling rows' last tokens
     in entry order. Raises ValueError when the rows do not fit T, S or P."""
     num_new = [len(e[0]) for e in entries]
+    grouped, groups = groups is not None, groups or 1
     if len(entries) > S:
         raise ValueError(f"{len(entries)} rows do not fit a ragged step of {S} rows")
     if any(n <= 0 for n in num_new):
@@ -112,7 +115,7 @@ def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups:
         if samples:
             sample_idx[n_sampled] = off + n - 1
             n_sampled += 1
-    if groups == 1:
+    if not grouped:
         block_tables, slots = block_tables[0], slots[0]
     return RaggedInputs(tokens, positions, rows, kv_lens, block_tables, slots, tile_rows, sample_idx, kernel_rows,
                         cu_q_lens, np.asarray([len(entries)], np.int32), compact_idx, expand_idx)

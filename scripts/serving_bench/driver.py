@@ -282,7 +282,8 @@ def release(llm) -> None:
     gc.collect()
 
 
-def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int, max_len: int, scheduler: str) -> dict:
+def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int, max_len: int, scheduler: str,
+                    ragged: bool = False) -> dict:
     """The steps an offline run of `reqs` takes, from the engine's own Scheduler and BlockManager with no model.
 
     Every request arrives at once (the offline mode); each scheduled row "computes" its tokens and a row that
@@ -298,6 +299,8 @@ def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int,
 
     cfg = dataclasses.replace(engine_config, scheduler=scheduler)
     sch = Scheduler(cfg, num_pages)
+    if ragged:
+        sch.ragged_ladder = cfg.token_buckets()
     for i, r in enumerate(reqs):
         seq = Seq(i, str(i), 0, r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True), 0,
                   Priority.INTERACTIVE, (), max_len)
@@ -310,7 +313,16 @@ def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int,
         if step is None:
             raise RuntimeError("the scheduler stalled with work left")
         R, Q = step.bucket
-        if step.kind == "prefill":
+        if step.kind == "mixed":
+            dec = sum(1 for row in step.rows if row.num_new == 1 and row.start >= len(row.seq.prompt_token_ids))
+            if sum(row.num_new for row in step.rows) > dec:
+                out["prefill_steps"] += 1
+                out["prefill_padded_tokens"] += Q - dec
+            else:
+                out["decode_steps"] += 1
+                out["decode_buckets"][Q] = out["decode_buckets"].get(Q, 0) + 1
+            out["decode_rows"] += dec
+        elif step.kind == "prefill":
             out["prefill_steps"] += 1
             out["prefill_padded_tokens"] += R * Q
         else:

@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     res["poisson_arrivals_s"] = arrivals
     desc_cont = describe_engine(llm, args.model)
     replay_setup = (llm.engine_config, llm.engine.num_pages, llm.engine.max_model_len)
+    replay_ragged = llm.engine.ragged  # (the continuous engine's steps; the static one's are bucketed)
     log(f"continuous engine ready (startup {desc_cont['startup_s']:.1f}s); corpus {len(corpus)} tokens; "
         f"{len(reqs)} requests, {res['workload']['output_tokens_total']} output tokens")
     warm_up(llm, corpus)
@@ -286,7 +287,8 @@ def main(argv=None) -> int:
                     res["ratios_buckets"] = {**res.get("ratios_buckets", {}), mode: c / s}
         res["offline_ratio_bound"] = decode_step_bound([r.output_len for r in reqs], args.max_num_seqs)
         if ("offline", "static") in results_by:
-            res["offline_replay"] = {m: replay_schedule(reqs, *replay_setup, m) for m in ("continuous", "static")}
+            res["offline_replay"] = {m: replay_schedule(reqs, *replay_setup, m, ragged=replay_ragged and m == "continuous")
+                                     for m in ("continuous", "static")}
             res["offline_ceiling"] = offline_ceiling(results_by[("offline", "continuous")],
                                                      results_by[("offline", "static")], args.max_num_seqs)
         save()
