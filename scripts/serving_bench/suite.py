@@ -284,6 +284,7 @@ def main(argv=None) -> int:
                 res["ratios_cpu"] = {**res.get("ratios_cpu", {}), mode: c / s}
                 if (mode, "continuous-buckets") in results_by:
                     c = results_by[(mode, "continuous-buckets")]["summary"]["output_tok_s"]
+                    s = results_by[(mode, "static")]["summary"]["output_tok_s"]
                     res["ratios_buckets"] = {**res.get("ratios_buckets", {}), mode: c / s}
         res["offline_ratio_bound"] = decode_step_bound([r.output_len for r in reqs], args.max_num_seqs)
         if ("offline", "static") in results_by:
