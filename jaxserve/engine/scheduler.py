@@ -1,6 +1,8 @@
 """The scheduler: every step, decide which sequences run and with how many new tokens. Host side, no JAX.
 
-A step is either a *prefill* step (R rows x up to Q prompt tokens: chunks of prompts, resumed sequences'
+With ragged steps (`ragged_ladder` set by the engine, models/ragged.py) every step is one *mixed* step: every
+decoding sequence's next token, then prompt chunks in the rest of the token budget, in one flat array of T tokens.
+Otherwise a step is either a *prefill* step (R rows x up to Q prompt tokens: chunks of prompts, resumed sequences'
 recompute, prefix-cache continuations) or a *decode* step (R rows x 1 token). After a prefill step, if any
 sequence is decoding, the next step is a decode step: a long prompt stalls running decodes for at most one
 chunk. Admission follows priority (interactive before batch; batch ages so it never starves) within the
