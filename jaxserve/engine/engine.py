@@ -47,8 +47,7 @@ class EngineStats:
     requests_aborted: int = 0
     busy_seconds: float = 0.0
     mixed_steps: int = 0  # ragged steps that computed prompt chunks and decode tokens together
-    padded_tokens: int = 0  # token slots the step programs computed, padding included (R x Q, or a ragged T)
-    padded_prompt_tokens: int = 0  # of those, the slots of prefill steps (R x Q; a ragged step's T - its decodes)
+    padded_prompt_tokens: int = 0  # token slots of prefill steps, padding included (R x Q; a ragged step's T - decodes)
     # Wall time of step() split in two: waiting on the device (the runner's dispatch -> sampled ids on the host)
     # and everything else (scheduling, input building, bookkeeping, detokenization, outputs).
     device_seconds: float = 0.0
@@ -321,20 +320,18 @@ class LLMEngine:
         if out.kind == "mixed":
             # A ragged step counts as a prefill step when it computes any prompt chunk (its time goes there; its
             # decode rows' tokens still count as decode tokens), else as a decode step.
-            dec = sum(1 for r in out.rows if r.num_new == 1 and r.start >= len(r.seq.prompt_token_ids))
+            dec = sum(1 for r in out.rows if r.is_decode)
             pre = sum(r.num_new for r in out.rows) - dec
             kind = "prefill" if pre else "decode"
             st.kind_tokens["prefill"] += pre
             st.kind_tokens["decode"] += dec
             st.prompt_tokens_computed += pre
-            st.padded_tokens += out.bucket[1]
             st.padded_prompt_tokens += out.bucket[1] - dec if pre else 0
             if pre and dec:
                 st.mixed_steps += 1
         else:
             kind = out.kind
             st.kind_tokens[kind] += sum(r.num_new for r in out.rows)
-            st.padded_tokens += out.bucket[0] * out.bucket[1] if out.bucket else 0
             if kind == "prefill":
                 st.prompt_tokens_computed += sum(r.num_new for r in out.rows)
                 st.padded_prompt_tokens += out.bucket[0] * out.bucket[1]

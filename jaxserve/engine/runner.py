@@ -584,13 +584,12 @@ class ModelRunner:
         kv_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.kv)
         groups = self.kv_layout.num_groups if self.kv_layout.grouped else None
         S = self.cfg.max_num_seqs
-        last_abs = []
+        # the forward's last-token hidden states [S, D], in the compute dtype (as the scorer's hidden input)
+        last_abs = jax.ShapeDtypeStruct((S, self.model_cfg.hidden_size), self.params["final_norm"].dtype)
 
         def build(T):
             with jax_config.persistent_cache_min_compile_time_secs(0.0):
-                lowered = fn.lower(p_abs, kv_abs, abstract_ragged_inputs(T, S, self.P, groups))
-                prog = lowered.compile()
-            last_abs.append(lowered.out_info[0][0])
+                prog = fn.lower(p_abs, kv_abs, abstract_ragged_inputs(T, S, self.P, groups)).compile()
             return T, prog
 
         p_sh = jax.tree.map(lambda a: a.sharding, self.params)
@@ -600,7 +599,7 @@ class ModelRunner:
             head = jax.jit(lambda params, last: lm_head(self.model_cfg, params, last[:N]),
                            in_shardings=(p_sh, rep), out_shardings=rep)
             with jax_config.persistent_cache_min_compile_time_secs(0.0):
-                lowered = head.lower(p_abs, last_abs[0])
+                lowered = head.lower(p_abs, last_abs)
                 prog = lowered.compile()
             _, st = self.abstract_inputs(N, 1)
             return N, (prog, self._sampler_program(lowered.out_info, st))
@@ -612,8 +611,6 @@ class ModelRunner:
                 self._ragged[T] = prog
                 if progress is not None:
                     progress((S, T))
-            if not last_abs:  # (every T compiled before)
-                last_abs.append(jax.ShapeDtypeStruct((S, self.model_cfg.hidden_size), jnp.dtype(self.cfg.dtype)))
             for N, progs in ex.map(build_head, [n for n in self.cfg.decode_buckets() if n not in self._heads]):
                 self._heads[N] = progs
 

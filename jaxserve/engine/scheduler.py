@@ -48,6 +48,11 @@ class ScheduledRow:
         return self.group_tables if self.group_tables is not None else self.block_table
 
     @property
+    def is_decode(self) -> bool:
+        """One new token past the prompt: a decode token (in a ragged step, beside prompt chunks)."""
+        return self.num_new == 1 and self.start >= len(self.seq.prompt_token_ids)
+
+    @property
     def samples(self) -> bool:
         """This row's chunk reaches the end of the known tokens, so the step samples its next token."""
         return self.start + self.num_new == self.seq.num_tokens
@@ -272,24 +277,28 @@ class Scheduler:
                     break
                 if self.mode == "static" and seq.seq_id not in self._static_candidates:
                     continue  # arrived after this batch formed: it waits for the next one
-                if len(self.running) >= self.cfg.max_num_seqs:
-                    if not self._make_room_for(seq, preempted, rows):
-                        break
-                self._admit(seq)
-                if not try_add(seq):
-                    # Not enough pages: put it back (keeping the order) unless interactive can evict batch.
-                    if self._make_room_for(seq, preempted, rows) and try_add(seq):
-                        continue
-                    self.running.remove(seq)
-                    self.bm.free(seq.seq_id)
-                    seq.status = Status.WAITING
-                    seq.num_computed_tokens = 0
-                    self.waiting.append(seq)
+                if not self._admit_with(seq, try_add, preempted, rows):
                     break
         if not rows:
             return None
         r_bucket = bucket_for([r for r, q in self.prefill_ladder if q == q_bucket], len(rows))
         return SchedulerOutput("prefill", rows, (r_bucket, q_bucket))
+
+    def _admit_with(self, seq: Sequence, add: Callable[[Sequence], bool], preempted: list, rows: list) -> bool:
+        """Admit a waiting sequence (room made under max_num_seqs if it may evict batch work) and schedule its first
+        chunk with `add(seq)`. When it does not fit, it goes back to the queue (keeping the order) unless an
+        interactive request can evict batch work: False (admission stops for this step)."""
+        if len(self.running) >= self.cfg.max_num_seqs and not self._make_room_for(seq, preempted, rows):
+            return False
+        self._admit(seq)
+        if add(seq) or (self._make_room_for(seq, preempted, rows) and add(seq)):
+            return True
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.status = Status.WAITING
+        seq.num_computed_tokens = 0
+        self.waiting.append(seq)
+        return False
 
     def _make_room_for(self, seq: Sequence, preempted: list, rows: list) -> bool:
         """Interactive requests may preempt running batch work (newest first)."""
@@ -379,20 +388,7 @@ class Scheduler:
         if self.waiting and ragged_size(sizes) < budget:
             self._order_waiting()
             for seq in list(self.waiting):
-                if ragged_size(sizes) >= budget:
-                    break
-                if len(self.running) >= self.cfg.max_num_seqs:
-                    if not self._make_room_for(seq, preempted, rows):
-                        break
-                self._admit(seq)
-                if not take(seq):
-                    if self._make_room_for(seq, preempted, rows) and take(seq):
-                        continue
-                    self.running.remove(seq)
-                    self.bm.free(seq.seq_id)
-                    seq.status = Status.WAITING
-                    seq.num_computed_tokens = 0
-                    self.waiting.append(seq)
+                if ragged_size(sizes) >= budget or not self._admit_with(seq, take, preempted, rows):
                     break
         if not rows:
             return None

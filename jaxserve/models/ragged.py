@@ -64,9 +64,9 @@ def build_ragged_inputs(entries, T: int, S: int, P: int, page_size: int, groups:
     """Host arrays of one ragged step. `entries`: per row, (token ids of its new positions, position of the first,
     block table or a tuple of one table per page group, whether it samples). `groups`: the KV layout's page groups
     (config.KVLayout.num_groups of a grouped layout: tables and slots get a group axis, even for one group); None:
-    one plain table per row. Row i of the per-row arrays is
-    entries[i] (the layout order only decides where tokens sit); `sample_idx` lists the sampling rows' last tokens
-    in entry order. Raises ValueError when the rows do not fit T, S or P."""
+    one plain table per row. Row i of the per-row arrays is entries[i] (the layout order only decides where tokens
+    sit); `sample_idx` lists the sampling rows' last tokens in entry order. Raises ValueError when the rows do not
+    fit T, S or P."""
     num_new = [len(e[0]) for e in entries]
     grouped, groups = groups is not None, groups or 1
     if len(entries) > S:

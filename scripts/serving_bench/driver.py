@@ -314,7 +314,7 @@ def replay_schedule(reqs: Sequence[BenchRequest], engine_config, num_pages: int,
             raise RuntimeError("the scheduler stalled with work left")
         R, Q = step.bucket
         if step.kind == "mixed":
-            dec = sum(1 for row in step.rows if row.num_new == 1 and row.start >= len(row.seq.prompt_token_ids))
+            dec = sum(1 for row in step.rows if row.is_decode)
             if sum(row.num_new for row in step.rows) > dec:
                 out["prefill_steps"] += 1
                 out["prefill_padded_tokens"] += Q - dec
