@@ -291,5 +291,9 @@ def test_step_mode_config_errors():
         LLM("tiny-llama", random_weights=True, **TINY_KW, step_mode="flat")
     with pytest.raises(InvalidConfigError, match="static"):
         LLM("tiny-llama", random_weights=True, **TINY_KW, step_mode="ragged", scheduler="static")
+    from jaxserve.config import EngineConfig
+
+    with pytest.raises(InvalidConfigError, match="token_bucket_step"):
+        EngineConfig(token_bucket_step=48).validate(get_preset("tiny-llama"))
     with pytest.raises(InvalidConfigError, match="batch_invariant"):
         LLM("tiny-llama", random_weights=True, **TINY_KW, step_mode="ragged", batch_invariant=True)
